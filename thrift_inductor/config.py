@@ -1,0 +1,83 @@
+"""ThriftConfig: the frozen description of *what* ThriftAttention computes.
+
+Everything here changes numerics or which blocks are selected, so it travels as op arguments and is
+part of every cache key. How fast it runs (tiles, warps, stages) lives in ``heuristics.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from .constants import DEFAULT_BLOCK_SIZE, DEFAULT_FRACTION
+
+Format = Literal["nvfp4", "mxfp4", "fp8"]
+Selection = Literal["block_mean", "quest", "local"]
+PQuant = Literal["block", "microblock"]
+
+FORMATS = ("nvfp4", "mxfp4", "fp8")
+SELECTIONS = ("block_mean", "quest", "local")
+P_QUANTS = ("block", "microblock")
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThriftConfig:
+    """What ThriftAttention computes.
+
+    format:     low-precision path. ``nvfp4`` (E2M1 x E4M3 scale per 16), ``mxfp4`` (E2M1 x E8M0 scale
+                per 32, rounded up), ``fp8`` (e4m3, per-token Q/K scales, per-(block, channel) V scales).
+    fraction:   share of (causal) block pairs computed in the input precision; 0 = pure low precision,
+                1 = exact attention. Ignored when ``top_k`` is set.
+    top_k:      fixed number of high-precision KV blocks per query block (overrides ``fraction``).
+    selection:  scoring heuristic: ``block_mean`` (mean q . mean k), ``quest`` (min/max keys), ``local``.
+    block_size: tokens per selection block; also the kernel's KV tile.
+    p_quant:    how probabilities are quantised on the low path (see docs/numerics.md):
+                ``block`` = one scale per (query row, KV block), the block's row max maps to the top code;
+                ``microblock`` = additionally a format scale per 16 (nvfp4) / 32 (mxfp4) tokens.
+    """
+
+    format: Format = "nvfp4"
+    fraction: float = DEFAULT_FRACTION
+    top_k: Optional[int] = None
+    selection: Selection = "block_mean"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    p_quant: PQuant = "block"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"ThriftConfig.format must be one of {FORMATS}, got {self.format!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"ThriftConfig.selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.p_quant not in P_QUANTS:
+            raise ValueError(f"ThriftConfig.p_quant must be one of {P_QUANTS}, got {self.p_quant!r}")
+        if self.format == "fp8" and self.p_quant != "block":
+            raise ValueError("p_quant='microblock' is an FP4 scheme; the fp8 format uses p_quant='block'")
+        if not isinstance(self.fraction, (int, float)) or not (0.0 <= float(self.fraction) <= 1.0):
+            raise ValueError(f"ThriftConfig.fraction must lie in [0, 1], got {self.fraction!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"ThriftConfig.top_k must be a non-negative int or None, got {self.top_k!r}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"ThriftConfig.block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
+        object.__setattr__(self, "fraction", float(self.fraction))
+
+    def replace(self, **changes) -> "ThriftConfig":
+        return dataclasses.replace(self, **changes)
+
+    def cache_key(self) -> str:
+        """Stable text identity (used in autotune-store keys and logs)."""
+        return (f"{self.format}-f{self.fraction:g}-k{self.top_k}-{self.selection}"
+                f"-b{self.block_size}-p{self.p_quant}")
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "ThriftConfig":
+        """Build from ``torch.compile(..., options={...})`` keys prefixed ``thrift.`` or ``thrift_``."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {}
+        for key, value in (options or {}).items():
+            for prefix in ("thrift.", "thrift_"):
+                if key.startswith(prefix):
+                    name = key[len(prefix):]
+                    if name not in fields:
+                        raise ValueError(f"unknown thrift option {key!r}; known: {sorted(fields)}")
+                    kw[name] = value
+        return cls(**kw)
