@@ -1,0 +1,202 @@
+"""Block selection: which kv blocks each query block computes in the input precision (docs/kernels.md §2).
+
+How is this kernel parallelized? Grid ``(NQB, B * Hq)``: one program per (query block, query head). It
+scores its query block against every candidate kv block in fp64, keeps the whole row of scores in
+registers (``BLOCK_KV = next_pow2(NKB) <= MAX_KV_BLOCKS_SELECT``), then takes the top-k by k repeated
+argmax passes (ties -> lowest index) and writes the ascending complement.
+
+Numerics (docs/numerics.md §3), exact with ``reference.select_from_stats`` + ``reference.block_lists``:
+- block_mean: ``s_j = sum_d qm_d * km_jd``; quest: ``s_j = sum_d qm_d * (kmax_jd if qm_d >= 0 else kmin_jd)``.
+  The statistics are bf16, so every product is exact in fp64 and (for data of sane dynamic range) so is
+  the sum: summation order does not matter and FMA contraction changes nothing.
+- local: the data-independent window of reference spec §3.5 (no scores), ascending.
+- candidates: causal ``j <= min(i, NKB - 1)`` (top-left alignment), else all NKB blocks.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import SELECTIONS, ThriftConfig
+from ..constants import MAX_KV_BLOCKS_SELECT
+
+SELECT_BLOCK_MEAN = 0
+SELECT_QUEST = 1
+SELECT_LOCAL = 2
+SELECTION_CODES = {"block_mean": SELECT_BLOCK_MEAN, "quest": SELECT_QUEST, "local": SELECT_LOCAL}
+assert tuple(SELECTION_CODES) == SELECTIONS
+
+# fp64 products per score chunk ([BLOCK_KV, D_CHUNK] in registers): enough to keep loads vectorised along
+# the head dim without spilling when BLOCK_KV is large.
+_SCORE_CHUNK_ELEMS = 2048
+_MAX_D_CHUNK = 16
+# Warps by row length: the fp64 score row and its masks are spread over the program's threads.
+_WARPS_BY_BLOCK_KV = ((256, 1), (1024, 4))
+_MAX_WARPS = 8
+
+
+class BlockLists(NamedTuple):
+    """docs/kernels.md §2, in op order (``thrift::select`` returns them as a list in this order)."""
+    hi_idx: torch.Tensor    # [B, Hq, NQB, NKB] int32, descending score, -1 padded
+    hi_cnt: torch.Tensor    # [B, Hq, NQB] int32
+    lo_idx: torch.Tensor    # [B, Hq, NQB, NKB] int32, ascending, -1 padded
+    lo_cnt: torch.Tensor    # [B, Hq, NQB] int32
+
+
+def output_shapes(q_mean_shape, k_mean_shape) -> dict:
+    """Shapes of the §2 outputs as plain functions of the statistics' sizes (SymInt-safe)."""
+    B, Hq, nqb, _ = q_mean_shape
+    nkb = k_mean_shape[2]
+    return {"hi_idx": (B, Hq, nqb, nkb), "hi_cnt": (B, Hq, nqb),
+            "lo_idx": (B, Hq, nqb, nkb), "lo_cnt": (B, Hq, nqb)}
+
+
+@triton.jit
+def _select_kernel(
+    QM, KM, KMIN, KMAX,                # q_mean [B, Hq, NQB, D]; k stats [B, Hkv, NKB, D] (bf16, contiguous)
+    HI, HI_CNT, LO, LO_CNT,            # outputs, contiguous
+    Hq, NQB, NKB, TOP_K,               # TOP_K: resolved on the host (resolve_top_k), <= NKB
+    SELECTION: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA_GROUP: tl.constexpr,
+    D: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_KV: tl.constexpr,
+):
+    i = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_z = pid_bh // Hq
+    off_kh = (pid_bh % Hq) // GQA_GROUP
+    offs = tl.arange(0, BLOCK_KV)
+    if IS_CAUSAL:
+        n_cand = tl.minimum(i, NKB - 1) + 1
+    else:
+        n_cand = NKB
+    n_hi = tl.minimum(TOP_K, n_cand)
+    cand = offs < n_cand
+    row = (pid_bh.to(tl.int64) * NQB + i) * NKB          # start of this program's output row
+    hi_ptr = HI + row
+    if SELECTION == 2:
+        # local: causal = the diagonal block and the k-1 before it; non-causal = a centred window.
+        end = tl.minimum(i, NKB - 1)
+        if IS_CAUSAL:
+            start = tl.maximum(end - TOP_K + 1, 0)
+        else:
+            start = tl.minimum(tl.maximum(end - TOP_K // 2, 0), tl.maximum(NKB - TOP_K, 0))
+        tl.store(hi_ptr + offs, start + offs, mask=offs < n_hi)
+        selected = (offs >= start) & (offs < start + n_hi)
+    else:
+        qm_ptr = QM + (pid_bh.to(tl.int64) * NQB + i) * D
+        k_off = (off_z * (Hq // GQA_GROUP) + off_kh).to(tl.int64) * NKB * D
+        score = tl.zeros((BLOCK_KV,), tl.float64)
+        for d0 in tl.static_range(0, D, D_CHUNK):
+            offs_d = d0 + tl.arange(0, D_CHUNK)
+            qd = tl.load(qm_ptr + offs_d).to(tl.float64)
+            kd_off = k_off + offs[:, None] * D + offs_d[None, :]
+            if SELECTION == 0:
+                kd = tl.load(KM + kd_off, mask=cand[:, None], other=0.0)
+            else:
+                # quest: the bound that maximises q_d * k_d; one load through a per-channel pointer choice.
+                use_max = tl.broadcast_to((qd >= 0.0)[None, :], (BLOCK_KV, D_CHUNK))
+                kd = tl.load(tl.where(use_max, KMAX + kd_off, KMIN + kd_off), mask=cand[:, None], other=0.0)
+            score += tl.sum(qd[None, :] * kd.to(tl.float64), axis=1)
+        score = tl.where(cand, score, float("-inf"))
+        selected = offs < 0
+        # k argmax passes; every pass finds a finite candidate score because n_hi <= n_cand.
+        for t in range(n_hi):
+            best = tl.max(score, axis=0)
+            j = tl.min(tl.where(score == best, offs, BLOCK_KV), axis=0)
+            tl.store(hi_ptr + t, j)
+            hit = offs == j
+            selected = selected | hit
+            score = tl.where(hit, float("-inf"), score)
+    in_row = offs < NKB
+    tl.store(hi_ptr + offs, tl.full((BLOCK_KV,), -1, tl.int32), mask=in_row & (offs >= n_hi))
+    tl.store(HI_CNT + pid_bh.to(tl.int64) * NQB + i, n_hi)
+    # lo: the remaining candidates in ascending order, compacted by a prefix sum.
+    lo = cand & (~selected)
+    n_lo = n_cand - n_hi
+    pos = tl.cumsum(lo.to(tl.int32), axis=0) - 1
+    lo_ptr = LO + row
+    tl.store(lo_ptr + pos, offs, mask=lo)
+    tl.store(lo_ptr + offs, tl.full((BLOCK_KV,), -1, tl.int32), mask=in_row & (offs >= n_lo))
+    tl.store(LO_CNT + pid_bh.to(tl.int64) * NQB + i, n_lo)
+
+
+def _num_warps(block_kv: int) -> int:
+    for limit, warps in _WARPS_BY_BLOCK_KV:
+        if block_kv <= limit:
+            return warps
+    return _MAX_WARPS
+
+
+def _check_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, block_size: int, *,
+                 kernel: bool) -> tuple[int, int]:
+    if q_mean.dim() != 4 or k_mean.dim() != 4:
+        raise ValueError(f"q_mean must be [B, Hq, NQB, D] and k_mean [B, Hkv, NKB, D], got "
+                         f"{tuple(q_mean.shape)} and {tuple(k_mean.shape)}")
+    nqb, nkb = triton.cdiv(Lq, block_size), triton.cdiv(Lk, block_size)
+    B, Hq, nq, D = q_mean.shape
+    Bk, Hkv, nk, Dk = k_mean.shape
+    if (nq, nk) != (nqb, nkb) or B != Bk or D != Dk:
+        raise ValueError(f"statistics {tuple(q_mean.shape)} / {tuple(k_mean.shape)} do not match Lq={Lq}, "
+                         f"Lk={Lk}, block_size={block_size} (expected NQB={nqb}, NKB={nkb})")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hkv}")
+    for name, t in (("k_min", k_min), ("k_max", k_max)):
+        if t.shape != k_mean.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} != k_mean shape {tuple(k_mean.shape)}")
+    if kernel and nkb > MAX_KV_BLOCKS_SELECT:
+        raise ValueError(f"the selection kernel keeps one row of scores in registers: NKB={nkb} blocks "
+                         f"exceeds MAX_KV_BLOCKS_SELECT={MAX_KV_BLOCKS_SELECT} (Lk={Lk}, block_size={block_size})")
+    return nqb, nkb
+
+
+def select(prepass_out, Lq: int, Lk: int, *, is_causal: bool, config: ThriftConfig) -> BlockLists:
+    """Run the Triton selection on a ``Prepass`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    return select_stats(prepass_out.q_mean, prepass_out.k_mean, prepass_out.k_min, prepass_out.k_max,
+                        Lq, Lk, is_causal=is_causal, config=config)
+
+
+def select_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_causal: bool,
+                 config: ThriftConfig) -> BlockLists:
+    """``select`` on the four statistics tensors (what the ``thrift::select`` op receives)."""
+    from ..reference import resolve_top_k     # host-side budget rule; the oracle owns it
+
+    bs = config.block_size
+    nqb, nkb = _check_stats(q_mean, k_mean, k_min, k_max, Lq, Lk, bs, kernel=True)
+    shapes = output_shapes(q_mean.shape, k_mean.shape)
+    dev = q_mean.device
+    out = BlockLists(*(torch.empty(s, dtype=torch.int32, device=dev) for s in shapes.values()))
+    B, Hq, _, D = q_mean.shape
+    if B * Hq * nqb == 0:
+        return out
+    if nkb == 0:
+        out.hi_cnt.zero_()
+        out.lo_cnt.zero_()
+        return out
+    top_k = resolve_top_k(nkb, is_causal, config.top_k, config.fraction)
+    block_kv = triton.next_power_of_2(nkb)
+    d_chunk = max(1, min(D, _MAX_D_CHUNK, _SCORE_CHUNK_ELEMS // block_kv))
+    _select_kernel[(nqb, B * Hq)](
+        q_mean.contiguous(), k_mean.contiguous(), k_min.contiguous(), k_max.contiguous(), *out,
+        Hq, nqb, nkb, top_k,
+        SELECTION=SELECTION_CODES[config.selection], IS_CAUSAL=bool(is_causal),
+        GQA_GROUP=Hq // k_mean.shape[1], D=D, D_CHUNK=d_chunk, BLOCK_KV=block_kv,
+        num_warps=_num_warps(block_kv))
+    return out
+
+
+def select_torch(prepass_out, Lq: int, Lk: int, *, is_causal: bool, config: ThriftConfig) -> BlockLists:
+    """The same §2 lists from the oracle (``select_from_stats`` then ``block_lists``)."""
+    return select_stats_torch(prepass_out.q_mean, prepass_out.k_mean, prepass_out.k_min, prepass_out.k_max,
+                              Lq, Lk, is_causal=is_causal, config=config)
+
+
+def select_stats_torch(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_causal: bool,
+                       config: ThriftConfig) -> BlockLists:
+    from .. import reference as ref
+
+    bs = config.block_size
+    _check_stats(q_mean, k_mean, k_min, k_max, Lq, Lk, bs, kernel=False)
+    hi = ref.select_from_stats(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal=is_causal, config=config)
+    return BlockLists(*ref.block_lists(hi, Lq, Lk, bs, is_causal))
