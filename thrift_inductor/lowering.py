@@ -1,0 +1,356 @@
+"""Inductor lowering of ``thrift::attention``: prepass -> selection -> autotuned attention template.
+
+    thrift::attention(q, k, v, ...)                     (one FX node, from the rewrite pass or the user)
+      -> thrift::prepass(q, k, v)       FallbackKernel, 10 outputs   (docs/kernels.md §1)
+      -> thrift::select(q_mean, ...)    FallbackKernel, 4 outputs    (docs/kernels.md §2)
+      -> attention.py.jinja             TritonTemplate, one choice per launch config (heuristics.py)
+         + ExternKernelChoice           the eager op itself, always correct
+      -> autotune_select_algorithm      benchmarks when there are >= 2 choices
+
+Only speed knobs are autotuned; the op arguments (format, fraction, ...) fix the numerics. The
+template path needs Triton codegen: CUDA, or CPU with ``cpu_backend="triton"`` (the interpreter CI).
+Elsewhere (stock C++ CPU backend), or when no config fits, the node lowers to the eager op alone and the
+reason is logged. ``autotune_store.py`` is consulted before choices are built: a hit offers only the
+stored winner, so nothing is benchmarked.
+
+Dynamic shapes: sequence lengths reach the kernel only through ``{{size()}}``/``{{stride()}}`` (runtime
+args); constexprs come from static values (head dim, heads, op arguments). Nothing here guards on a length.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
+from torch._inductor import ir
+from torch._inductor.lowering import register_lowering
+from torch._inductor.select_algorithm import (
+    ExternKernelChoice, SymbolicGridFn, TritonTemplate, add_feedback_saver, autotune_select_algorithm,
+    extern_kernels)
+from torch._inductor.virtualized import V
+
+from . import autotune_store, heuristics, ops  # noqa: F401  (ops registers thrift::attention)
+from .config import ThriftConfig
+
+log = logging.getLogger("thrift_inductor.lowering")
+
+AUTOTUNE_NAME = "thrift_attention"            # select_algorithm op name (its caches and logs key on it)
+TEMPLATE_NAME = "thrift_attention"
+FALLBACK_NAME = "thrift_attention_fallback"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "attention.py.jinja"
+# Positions of the selection outputs in the template's input list (benchmark data must be valid indices).
+HI_IDX_ARG, HI_CNT_ARG, LO_IDX_ARG, LO_CNT_ARG = 9, 10, 11, 12
+
+
+# ---------------------------------------------------------------------------------------------------
+# Template and fallback choice (module-level singletons: Inductor asserts unique names)
+# ---------------------------------------------------------------------------------------------------
+@SymbolicGridFn
+def thrift_attention_grid(batch, q_heads, num_queries, head_dim, meta, *, cdiv):
+    """How is this kernel parallelized? One program per (query tile of BLOCK_M rows, batch x query head).
+
+    Called with the output sizes: ints when benchmarking, sympy in wrapper codegen (dynamic lengths).
+    """
+    return (cdiv(num_queries, meta["BLOCK_M"]), batch * q_heads, 1)
+
+
+def _fresh_template() -> TritonTemplate:
+    # A re-import (tests, reload) must not trip Inductor's duplicate-name assertion.
+    getattr(TritonTemplate, "all_templates", {}).pop(TEMPLATE_NAME, None)
+    return TritonTemplate(name=TEMPLATE_NAME, grid=thrift_attention_grid, source=TEMPLATE_PATH.read_text())
+
+
+def _fallback_benchmark_kernel(q, k, v, *selection_inputs, **op_kwargs):
+    """What autotuning times for the fallback: the eager op on (q, k, v). Every choice of one
+    ``autotune_select_algorithm`` call gets the same inputs, so the prepass/selection tensors arrive
+    here too and are ignored."""
+    return torch.ops.thrift.attention.default(q, k, v, **op_kwargs)
+
+
+def _create_fallback_node(q, k, v, *selection_inputs, **op_kwargs):
+    """IR for a winning fallback: the op on (q, k, v) only, so the prepass/selection nodes lose their
+    last user and the scheduler drops them."""
+    return ir.FallbackKernel.create(torch.ops.thrift.attention.default, q, k, v, **op_kwargs)
+
+
+def _fresh_fallback_choice() -> ExternKernelChoice:
+    if hasattr(extern_kernels, FALLBACK_NAME):
+        delattr(extern_kernels, FALLBACK_NAME)
+    return ExternKernelChoice(_fallback_benchmark_kernel, name=FALLBACK_NAME, has_out_variant=False,
+                              kernel_creator=_create_fallback_node)
+
+
+thrift_attention_template = _fresh_template()
+thrift_attention_fallback = _fresh_fallback_choice()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoped overrides (tests, benchmarks)
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ChoiceOverride:
+    configs: Optional[tuple] = None      # template configs to offer (None: heuristics decide; (): none)
+    fallback: Optional[bool] = None      # offer the eager fallback (None: default rule)
+    store: bool = False                  # consult / feed the autotune store
+
+
+_OVERRIDE: contextvars.ContextVar[Optional[ChoiceOverride]] = contextvars.ContextVar("thrift_choices", default=None)
+
+
+@contextlib.contextmanager
+def kernel_choices(configs: Optional[Sequence[heuristics.AttnKernelConfig]] = None, *,
+                   fallback: Optional[bool] = None, store: bool = False):
+    """Force the choices the lowering offers, for compiles inside the block (tests and benchmarks).
+
+    The forced choice is not part of any cache key, so Inductor's caches are disabled inside.
+    ``configs=[]`` with ``fallback=True`` compiles the eager op only.
+    """
+    token = _OVERRIDE.set(ChoiceOverride(None if configs is None else tuple(configs), fallback, store))
+    try:
+        with inductor_config.patch(force_disable_caches=True):
+            yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+def _hint(expr) -> int:
+    sizevars = V.graph.sizevars
+    fn = getattr(sizevars, "optimization_hint", None) or sizevars.size_hint   # 2.13 / 2.11 spelling
+    return int(fn(expr))
+
+
+def _static_int(expr) -> Optional[int]:
+    """``expr`` as an int if it is static, else None (never adds a guard)."""
+    try:
+        return int(expr)
+    except TypeError:
+        return None
+
+
+def _fixed_input(x):
+    """Realize ``x`` with a unit last stride and a frozen layout: the template reads strides at render
+    time, so they may not change later (2.11 lacks ``always_freeze_layout``; inductor.md §5.12)."""
+    x = ir.ExternKernel.realize_input(x)
+    x = ir.ExternKernel.require_stride1(x)
+    if isinstance(x.get_layout(), ir.FlexibleLayout):
+        x.freeze_layout()
+    return x
+
+
+def _selection_ops_available() -> bool:
+    if not (hasattr(torch.ops.thrift, "prepass") and hasattr(torch.ops.thrift, "select")):
+        try:   # the kernels module registers thrift::prepass / thrift::select
+            from . import kernels  # noqa: F401
+        except ImportError:
+            pass
+    return hasattr(torch.ops.thrift, "prepass") and hasattr(torch.ops.thrift, "select")
+
+
+def _fallback_node(q, k, v, op_kwargs: dict, reason: str):
+    log.info("thrift::attention lowers to the eager op: %s", reason)
+    counters["thrift"]["lowering_fallback_only"] += 1
+    return ir.TensorBox.create(
+        ir.FallbackKernel.create(torch.ops.thrift.attention.default, q, k, v, **op_kwargs))
+
+
+def _multi_output_op(op, *args):
+    """Lower a list-returning custom op to a FallbackKernel and wrap each output as a TensorBox."""
+    outs = ir.FallbackKernel.create(op, *args)
+    return [ir.TensorBox.create(o) for o in outs]
+
+
+def _search_space() -> str:
+    if not inductor_config.max_autotune:
+        return "default"
+    return "exhaustive" if inductor_config.max_autotune_flex_search_space == "EXHAUSTIVE" else "autotune"
+
+
+def synthetic_selection(batch: int, q_heads: int, lq: int, lk: int, block_size: int, is_causal: bool,
+                        n_hi: int, device) -> tuple:
+    """Valid §2 selection tensors for benchmarking (random ints would index out of bounds): per query
+    block the last ``n_hi`` candidates (the diagonal side) on the high path, the rest ascending on the low."""
+    nqb, nkb = -(-lq // block_size), -(-lk // block_size)
+    rows = torch.arange(nqb, device=device)
+    cand = torch.clamp(rows, max=max(nkb - 1, 0)) + 1 if is_causal else torch.full_like(rows, nkb)
+    cand = torch.clamp(cand, max=nkb)
+    hi_cnt = torch.clamp(cand, max=n_hi)
+    lo_cnt = cand - hi_cnt
+    j = torch.arange(nkb, device=device)[None, :]
+    lo_idx = torch.where(j < lo_cnt[:, None], j, -1)
+    hi_idx = torch.where(j < hi_cnt[:, None], cand[:, None] - 1 - j, -1)
+
+    def full(t):
+        return t.to(torch.int32).expand(batch, q_heads, *t.shape).contiguous()
+    return full(hi_idx), full(hi_cnt), full(lo_idx), full(lo_cnt)
+
+
+def _selection_input_gen_fns(q, k, cfg: ThriftConfig, is_causal: bool) -> dict:
+    from .reference import resolve_top_k   # pure torch; only needed when benchmarking
+    batch, q_heads, lq = (_hint(s) for s in q.get_size()[:3])
+    lk = _hint(k.get_size()[2])
+    nkb = -(-lk // cfg.block_size)
+    n_hi = resolve_top_k(nkb, is_causal, cfg.top_k, cfg.fraction)
+    cache = {}
+
+    def gen(pos):
+        def fn(node):
+            if "sel" not in cache:
+                cache["sel"] = synthetic_selection(batch, q_heads, lq, lk, cfg.block_size, is_causal, n_hi,
+                                                   node.get_device())
+            return cache["sel"][pos]
+        return fn
+    return {HI_IDX_ARG: gen(0), HI_CNT_ARG: gen(1), LO_IDX_ARG: gen(2), LO_CNT_ARG: gen(3)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autotune store feedback
+# ---------------------------------------------------------------------------------------------------
+def _record_autotune_result(timings, name, input_nodes, choices, profiled_time_fn, precompile_times=None):
+    """``add_feedback_saver`` hook: store the fastest thrift choice under the key the lowering attached."""
+    if name != AUTOTUNE_NAME:
+        return
+    tagged = [(c, t) for c, t in timings.items()
+              if getattr(c, "thrift_store_key", None) is not None and math.isfinite(t)]
+    if not tagged:
+        return
+    winner, ms = min(tagged, key=lambda ct: ct[1])
+    cfg = winner.thrift_kernel_config
+    entry = (autotune_store.fallback_entry(ms) if cfg is None
+             else autotune_store.template_entry(cfg.to_dict(), ms))
+    try:
+        autotune_store.open_store().put(winner.thrift_store_key, entry)
+        counters["thrift"]["autotune_store_record"] += 1
+    except OSError as exc:   # a read-only home must not fail the compile
+        log.warning("could not record thrift autotune result: %s", exc)
+
+
+def _ensure_feedback_saver() -> None:
+    from torch._inductor import select_algorithm as sa
+    cache = getattr(sa, "_ALGORITHM_SELECTOR_CACHE", None)
+    registered = getattr(cache, "feedback_saver_fns", None)
+    if registered is None or _record_autotune_result not in registered:
+        add_feedback_saver(_record_autotune_result)
+
+
+def _tag(choices: list, start: int, key, cfg) -> None:
+    for c in choices[start:]:
+        c.thrift_store_key = key
+        c.thrift_kernel_config = cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# The lowering
+# ---------------------------------------------------------------------------------------------------
+@register_lowering(torch.ops.thrift.attention.default, type_promotion_kind=None)
+def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, selection, block_size, p_quant):
+    cfg = ThriftConfig(format=format, fraction=fraction, top_k=top_k, selection=selection,
+                       block_size=block_size, p_quant=p_quant)
+    op_kwargs = dict(scale=scale, is_causal=is_causal, format=format, fraction=fraction, top_k=top_k,
+                     selection=selection, block_size=block_size, p_quant=p_quant)
+    device = q.get_device()
+    dtype = q.get_dtype()
+    override = _OVERRIDE.get()
+
+    if device.type != "cuda" and inductor_config.cpu_backend != "triton":
+        return _fallback_node(q, k, v, op_kwargs, f"no Triton codegen for {device.type} "
+                              f"(cpu_backend={inductor_config.cpu_backend!r})")
+    if override is not None and override.configs == () :
+        return _fallback_node(q, k, v, op_kwargs, "forced by kernel_choices(configs=[])")
+    B, Hq, Lq, D = q.get_size()
+    _, Hkv, Lk, _ = k.get_size()
+    head_dim, hq, hkv = _static_int(D), _static_int(Hq), _static_int(Hkv)
+    if head_dim is None or hq is None or hkv is None:
+        return _fallback_node(q, k, v, op_kwargs, "head dim and head counts must be static (constexprs)")
+    if _static_int(v.get_size()[-1]) != head_dim:
+        return _fallback_node(q, k, v, op_kwargs, "value head dim differs from query head dim")
+    if hkv == 0 or hq % hkv:
+        return _fallback_node(q, k, v, op_kwargs, f"query heads {hq} not a multiple of kv heads {hkv}")
+    from .templates import attention as attn_kernel   # imports triton; the template calls its tile
+    ok, why = attn_kernel.can_implement(cfg, head_dim, dtype, block_size)
+    if not ok:
+        return _fallback_node(q, k, v, op_kwargs, why)
+    if not _selection_ops_available():
+        return _fallback_node(q, k, v, op_kwargs, "thrift::prepass / thrift::select are not registered")
+
+    arch = heuristics.arch_of(device)
+    if override is not None and override.configs is not None:
+        configs = list(override.configs)
+    else:
+        configs = heuristics.candidate_configs(arch, dtype, head_dim, format, block_size,
+                                               search=_search_space())
+    configs = [c for c in configs
+               if heuristics.can_implement(c, head_dim, dtype, block_size, format=format, arch=arch)]
+    if not configs:
+        return _fallback_node(q, k, v, op_kwargs, f"no launch config fits head_dim={head_dim} {dtype} "
+                              f"block_size={block_size} on {arch}")
+    # The interpreter times only itself, so on CPU the template runs alone; on GPU the eager op competes.
+    with_fallback = device.type == "cuda" if override is None or override.fallback is None else override.fallback
+
+    store_key = None
+    use_store = override.store if override is not None else device.type == "cuda"
+    if use_store and len(configs) + with_fallback >= 2:
+        store_key = autotune_store.StoreKey.for_problem(
+            device=device, dtype=dtype, head_dim=head_dim, causal=is_causal, format=format, p_quant=p_quant,
+            block_size=block_size, seq_len_hint=_hint(Lk))
+        entry = autotune_store.open_store().get(store_key)
+        if entry is None:
+            counters["thrift"]["autotune_store_miss"] += 1
+            _ensure_feedback_saver()
+        elif entry["choice"] == "fallback":
+            counters["thrift"]["autotune_store_hit"] += 1
+            return _fallback_node(q, k, v, op_kwargs, "autotune store: the eager op won for this key")
+        else:
+            stored = heuristics.AttnKernelConfig.from_dict(entry["config"])
+            if heuristics.can_implement(stored, head_dim, dtype, block_size, format=format, arch=arch):
+                counters["thrift"]["autotune_store_hit"] += 1
+                configs, with_fallback, store_key = [stored], False, None
+            else:
+                log.warning("ignoring stored thrift config %s: it no longer fits", stored)
+
+    q, k, v = (_fixed_input(x) for x in (q, k, v))
+    parts = _multi_output_op(torch.ops.thrift.prepass.default, q, k, v, format, block_size)
+    q_lo, q_scale, k_lo, k_scale, v_lo_t, v_scale, q_mean, k_mean, k_min, k_max = parts
+    sel = _multi_output_op(torch.ops.thrift.select.default, q_mean, k_mean, k_min, k_max, Lq, Lk,
+                           is_causal, selection, fraction, top_k, block_size)
+    input_nodes = [q, k, v, q_lo, q_scale, k_lo, k_scale, v_lo_t, v_scale, *sel]
+    input_nodes = [_fixed_input(x) for x in input_nodes]
+
+    out_size = [B, Hq, Lq, D]
+    layout = ir.FixedLayout(device, dtype, out_size, ir.FlexibleLayout.contiguous_strides(out_size))
+    sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+    constexprs = dict(BLOCK_N=block_size, HEAD_DIM=head_dim, IS_CAUSAL=bool(is_causal),
+                      FORMAT=attn_kernel.FORMAT_CODES[format], P_MICRO=p_quant == "microblock",
+                      GQA_GROUP=hq // hkv, SM_SCALE=sm_scale,
+                      # the interpreter mis-rounds fp32 -> fp8 casts; round on the grid first (docs)
+                      P_EXACT_ROUND=os.environ.get("TRITON_INTERPRET") == "1")
+
+    choices: list = []
+    for kc in configs:
+        start = len(choices)
+        err = thrift_attention_template.maybe_append_choice(
+            choices, input_nodes=input_nodes, layout=layout, num_stages=kc.num_stages,
+            num_warps=kc.num_warps, BLOCK_M=kc.block_m, **constexprs)
+        if err is not None:
+            log.info("thrift template config %s rejected: %s", kc.describe(), err)
+        _tag(choices, start, store_key, kc)
+    n_templates = len(choices)
+    if with_fallback or not choices:
+        start = len(choices)
+        thrift_attention_fallback.maybe_append_choice(choices, input_nodes=input_nodes, layout=layout,
+                                                      **op_kwargs)
+        _tag(choices, start, store_key, None)
+    counters["thrift"]["template_choices"] += n_templates
+    gen_fns = _selection_input_gen_fns(q, k, cfg, is_causal) if len(choices) > 1 else None
+    res = autotune_select_algorithm(AUTOTUNE_NAME, choices, input_nodes, layout, input_gen_fns=gen_fns)
+    return res[0] if isinstance(res, tuple) else res    # 2.11 returns the node, 2.13 (node, choice)
