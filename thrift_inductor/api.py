@@ -1,0 +1,88 @@
+"""Eager entry point: ``thrift_inductor.attention``, a drop-in for ``F.scaled_dot_product_attention``.
+
+It validates inputs with SDPA-like messages, then calls the ``thrift::attention`` op (so eager and
+compiled code run the same op and the same numerics).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .config import ThriftConfig
+from .ops import call_op
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP4_FORMATS = ("nvfp4", "mxfp4")
+# FP4 element blocks run along the head dim (16 for nvfp4, 32 for mxfp4): D must hold whole blocks.
+FP4_HEAD_DIM_MULTIPLE = 32
+
+
+def _resolve_config(config: Optional[ThriftConfig], cfg: dict) -> ThriftConfig:
+    if config is not None and not isinstance(config, ThriftConfig):
+        raise TypeError(f"config must be a ThriftConfig or None, got {type(config).__name__}")
+    base = config if config is not None else ThriftConfig()
+    if "fraction" in cfg:
+        fraction = cfg["fraction"]
+        if not isinstance(fraction, (int, float)) or not 0.0 <= float(fraction) <= 1.0:
+            raise ValueError(f"fraction must lie in [0, 1], got {fraction!r}")
+    try:
+        return base.replace(**cfg) if cfg else base
+    except TypeError as exc:    # dataclasses.replace on an unknown field
+        raise TypeError(f"unknown ThriftConfig field in {sorted(cfg)}: {exc}") from None
+
+
+def validate_inputs(q: Tensor, k: Tensor, v: Tensor, *, enable_gqa: bool, config: ThriftConfig) -> None:
+    """Raise ``ValueError`` / ``TypeError`` with an SDPA-like message for inputs the op cannot take."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"thrift attention: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"thrift attention: {name} must be 4-D [batch, heads, seq, head_dim], "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"thrift attention: {name} dtype must be one of float16, bfloat16, float32, "
+                            f"got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"thrift attention: query, key and value must share a dtype, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"thrift attention: query, key and value must be on one device, got "
+                         f"{q.device}, {k.device}, {v.device}")
+    B, Hq, _, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"thrift attention: batch sizes differ: query {B}, key {k.shape[0]}, value {v.shape[0]}")
+    if k.shape[-1] != D:
+        raise ValueError(f"thrift attention: query head_dim {D} != key head_dim {k.shape[-1]}")
+    if v.shape[-1] != D:
+        raise ValueError(f"thrift attention: value head_dim {v.shape[-1]} != query head_dim {D} "
+                         f"(Dv != D is not supported)")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"thrift attention: key length {k.shape[2]} != value length {v.shape[2]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"thrift attention: key heads {k.shape[1]} != value heads {v.shape[1]}")
+    Hkv = k.shape[1]
+    if Hq != Hkv:
+        if not enable_gqa:
+            raise ValueError(f"thrift attention: query heads {Hq} != key/value heads {Hkv}; "
+                             f"pass enable_gqa=True for grouped-query attention (as with SDPA)")
+        if Hq % Hkv != 0:
+            raise ValueError(f"thrift attention: query heads {Hq} must be a multiple of key/value heads {Hkv}")
+    if config.format in FP4_FORMATS and D % FP4_HEAD_DIM_MULTIPLE != 0:
+        raise ValueError(f"thrift attention: format {config.format!r} needs head_dim divisible by "
+                         f"{FP4_HEAD_DIM_MULTIPLE}, got {D}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, scale: Optional[float] = None,
+              enable_gqa: bool = False, config: Optional[ThriftConfig] = None, **cfg) -> Tensor:
+    """ThriftAttention, eager. Same layout and semantics as ``F.scaled_dot_product_attention``.
+
+    q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``; ``enable_gqa=True`` allows ``Hq % Hkv == 0``.
+    ``scale`` defaults to ``1/sqrt(D)``; causal is top-left aligned (query i sees keys j <= i).
+    ``config`` (a ``ThriftConfig``) and/or its fields as keywords (``format="fp8"``, ``fraction=0.1``…)
+    choose the numerics; keywords override ``config``. Returns ``[B, Hq, Lq, D]`` in ``q.dtype``.
+    """
+    resolved = _resolve_config(config, cfg)
+    validate_inputs(q, k, v, enable_gqa=enable_gqa, config=resolved)
+    return call_op(q, k, v, scale=scale, is_causal=is_causal, config=resolved)

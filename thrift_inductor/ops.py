@@ -1,0 +1,88 @@
+"""The graph-visible op ``thrift::attention``.
+
+Custom ops are opaque to AOTAutograd and decompositions, so the Inductor lowering (``lowering.py``)
+sees exactly this node. Every ``ThriftConfig`` field travels as an op argument (never a global), so
+two call sites with different configs are two different nodes and cache keys see the config.
+
+Implementations:
+- Fake (meta): shape/dtype only; output is contiguous ``[B, Hq, Lq, Dv]`` in ``q.dtype``.
+- CPU and any other device: the oracle ``reference.thrift_attention_reference``.
+- CUDA: the eager Triton launcher ``kernels.thrift_attention_triton`` when it exists and
+  ``kernels.supports(q, k, v, cfg)`` says yes, else the oracle (the reason is logged at DEBUG).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .config import ThriftConfig
+
+log = logging.getLogger("thrift_inductor")
+
+OP_NAME = "thrift::attention"
+
+
+def config_to_op_args(cfg: ThriftConfig) -> tuple:
+    """The trailing op arguments (after q, k, v, scale, is_causal) that encode ``cfg``."""
+    return (cfg.format, float(cfg.fraction), cfg.top_k, cfg.selection, int(cfg.block_size), cfg.p_quant)
+
+
+def config_from_op_args(format: str, fraction: float, top_k: Optional[int], selection: str,
+                        block_size: int, p_quant: str) -> ThriftConfig:
+    return ThriftConfig(format=format, fraction=fraction, top_k=top_k, selection=selection,
+                        block_size=block_size, p_quant=p_quant)
+
+
+def _reference(q, k, v, scale, is_causal, cfg):
+    # Imported lazily: the oracle is only needed when the op actually runs, not to trace or rewrite.
+    from .reference import thrift_attention_reference
+    out = thrift_attention_reference(q, k, v, is_causal=is_causal, scale=scale, config=cfg)
+    return out.to(q.dtype).contiguous()
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def thrift_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], is_causal: bool,
+                     format: str, fraction: float, top_k: Optional[int], selection: str,
+                     block_size: int, p_quant: str) -> Tensor:
+    """ThriftAttention forward. q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (GQA when Hq % Hkv == 0)."""
+    cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant)
+    return _reference(q, k, v, scale, is_causal, cfg)
+
+
+@thrift_attention.register_fake
+def _thrift_attention_fake(q, k, v, scale, is_causal, format, fraction, top_k, selection,
+                           block_size, p_quant):
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty((B, Hq, Lq, v.shape[-1]))    # contiguous, like every real impl
+
+
+@thrift_attention.register_kernel("cuda")
+def _thrift_attention_cuda(q, k, v, scale, is_causal, format, fraction, top_k, selection,
+                           block_size, p_quant):
+    cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant)
+    try:
+        from . import kernels
+    except ImportError as exc:   # kernels not built yet, or Triton missing
+        log.debug("thrift::attention on CUDA uses the oracle: kernels unavailable (%s)", exc)
+        return _reference(q, k, v, scale, is_causal, cfg)
+    launcher = getattr(kernels, "thrift_attention_triton", None)
+    supports = getattr(kernels, "supports", None)
+    if launcher is None or supports is None:
+        log.debug("thrift::attention on CUDA uses the oracle: kernels module has no launcher")
+        return _reference(q, k, v, scale, is_causal, cfg)
+    if not supports(q, k, v, cfg):
+        log.debug("thrift::attention on CUDA uses the oracle: kernels.supports() declined "
+                  "q%s k%s %s %s", tuple(q.shape), tuple(k.shape), q.dtype, cfg.cache_key())
+        return _reference(q, k, v, scale, is_causal, cfg)
+    out = launcher(q, k, v, is_causal=is_causal, scale=scale, config=cfg)
+    return out.contiguous()
+
+
+def call_op(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float], is_causal: bool,
+            config: ThriftConfig) -> Tensor:
+    """Call ``torch.ops.thrift.attention`` with ``config`` spelled out as op arguments."""
+    return torch.ops.thrift.attention.default(q, k, v, None if scale is None else float(scale),
+                                              bool(is_causal), *config_to_op_args(config))
