@@ -1,0 +1,274 @@
+"""Prepass and selection kernels vs the oracle, bit for bit (CPU: Triton interpreter; conftest sets it).
+
+Every comparison is exact: quantised codes and scales, block statistics and block lists are contracts
+(docs/numerics.md §1-§3), not tolerances. Shapes stay tiny because the interpreter runs each program in
+numpy; the same checks at long lengths live in tests/gpu/test_prepass_select_cuda.py.
+"""
+import os
+
+import pytest
+import torch
+
+from thrift_inductor import reference as ref
+from thrift_inductor.config import ThriftConfig
+from thrift_inductor.constants import MAX_KV_BLOCKS_SELECT
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from thrift_inductor import kernel_ops  # noqa: E402  (registers thrift::prepass / thrift::select)
+from thrift_inductor.templates import common  # noqa: E402
+from thrift_inductor.templates.prepass import Prepass, prepass, prepass_torch  # noqa: E402
+from thrift_inductor.templates.select import BlockLists, select, select_stats, select_torch  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("CPU runs need TRITON_INTERPRET=1 (tests/conftest.py sets it)", allow_module_level=True)
+
+FORMATS = ("nvfp4", "mxfp4", "fp8")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view, so -0 vs +0 and NaN payloads count as differences."""
+    view = {torch.float8_e4m3fn: torch.uint8, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+            torch.float32: torch.int32, torch.float64: torch.int64}.get(t.dtype)
+    return t.view(view) if view is not None else t
+
+
+def assert_same(got, want, names):
+    for name, a, b in zip(names, got, want):
+        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} != {b.dtype}"
+        assert a.is_contiguous(), f"{name} is not contiguous"
+        diff = bits(a) != bits(b)
+        if diff.any():
+            where = diff.nonzero()[0].tolist()
+            raise AssertionError(f"{name}: {int(diff.sum())} of {a.numel()} differ; first at {where}: "
+                                 f"{a[tuple(where)].item()} vs {b[tuple(where)].item()}")
+
+
+def qkv(B, Hq, Hkv, Lq, Lk, D=64, dtype=torch.bfloat16, scale=1.0):
+    q = (torch.randn(B, Hq, Lq, D) * scale).to(dtype).to(DEV)
+    k = (torch.randn(B, Hkv, Lk, D) * scale).to(dtype).to(DEV)
+    v = (torch.randn(B, Hkv, Lk, D) * scale).to(dtype).to(DEV)
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding helpers (templates/common.py) vs reference.e2m1_rn / e4m3_rn / e8m0_up
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _round_kernel(X, E2M1, E4M3, E8M0, BF16, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(X + offs, mask=m, other=0.0)
+    tl.store(E2M1 + offs, common.e2m1_rn(x), mask=m)
+    tl.store(E4M3 + offs, common.e4m3_rn(x), mask=m)
+    tl.store(E8M0 + offs, common.e8m0_up(tl.abs(x)), mask=m)
+    tl.store(BF16 + offs, common.bf16_rn(x), mask=m)
+
+
+def _rounding_inputs():
+    grid8 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid8 = grid8[torch.isfinite(grid8)]
+    mids = (grid8.sort().values[1:] + grid8.sort().values[:-1]) / 2         # e4m3 ties
+    e2m1 = torch.tensor(common_e2m1_grid())
+    e2m1_mids = torch.cat([(e2m1[1:] + e2m1[:-1]) / 2, e2m1])                # e2m1 ties and grid points
+    powers = 2.0 ** torch.arange(-130, 128, dtype=torch.float32)
+    bf16_ties = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 1.0 + 2 ** -8 + 2 ** -20, 3.0 + 2 ** -7])
+    special = torch.tensor([0.0, -0.0, 1e-45, 448.0, 464.0, 480.0, 1e6, 6.0, 7.0, 8.0, 1e30, 2.0 ** -127])
+    rand = torch.randn(4096) * 2.0 ** torch.randint(-12, 12, (4096,)).float()
+    x = torch.cat([grid8, mids, e2m1_mids, powers, powers * 1.5, bf16_ties, special, rand]).float()
+    return torch.cat([x, -x])
+
+
+def common_e2m1_grid():
+    from thrift_inductor.constants import E2M1_GRID
+    return E2M1_GRID
+
+
+def test_rounding_helpers_match_oracle():
+    x = _rounding_inputs().to(DEV)
+    outs = [torch.empty_like(x) for _ in range(4)]
+    block = 1024
+    _round_kernel[(triton.cdiv(x.numel(), block),)](x, *outs, x.numel(), BLOCK=block)
+    want = [ref.e2m1_rn(x), ref.e4m3_rn(x), ref.e8m0_up(x.abs()), x.bfloat16().float()]
+    assert_same(outs, want, ["e2m1_rn", "e4m3_rn", "e8m0_up", "bf16_rn"])
+    # e4m3_rn results must be representable, so the later fp8 cast is exact.
+    assert torch.equal(outs[1].to(torch.float8_e4m3fn).float(), outs[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepass: bit-exact vs prepass_torch (built from the oracle)
+# ---------------------------------------------------------------------------------------------
+PREPASS_CASES = [
+    # B, Hq, Hkv, Lq, Lk, bs, dtype          what it covers
+    (1, 2, 2, 128, 128, 64, torch.bfloat16),  # MHA, whole blocks
+    (1, 4, 2, 100, 77, 64, torch.float16),    # GQA, ragged tails, Lq != Lk
+    (2, 2, 1, 40, 72, 16, torch.float32),     # MQA, bs=16 (mxfp4 v groups straddle two blocks)
+    (1, 2, 1, 33, 200, 128, torch.bfloat16),  # bs=128, one partial q block
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", PREPASS_CASES, ids=lambda c: f"{c[0]}x{c[1]}/{c[2]}-{c[3]}x{c[4]}-bs{c[5]}-{c[6]}"[6:])
+def test_prepass_bit_exact(fmt, case):
+    B, Hq, Hkv, Lq, Lk, bs, dtype = case
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, dtype=dtype, scale=2.0)
+    got = prepass(q, k, v, fmt, bs)
+    want = prepass_torch(q, k, v, fmt, bs)
+    assert_same(got, want, Prepass._fields)
+    # Padded v tokens are zero (kernels.md §1) and fp4 scales are 1.
+    assert not got.v_lo_t[..., Lk:].float().any()
+    if fmt != "fp8":
+        assert torch.all(got.q_scale == 1) and torch.all(got.v_scale == 1)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_prepass_edge_values(fmt):
+    """Zero blocks (amax 0), tiny blocks (nvfp4 scale underflows to 0), saturating blocks, signed zeros."""
+    q, k, v = qkv(1, 2, 1, 64, 96, dtype=torch.float32)
+    q[0, 0, :16] = 0.0
+    q[0, 1, :8, :32] = -0.0
+    k[0, 0, 16:32] *= 1e-5                     # nvfp4: amax/6 below the smallest e4m3 subnormal
+    k[0, 0, 32:48] *= 1e4                      # nvfp4: amax/6 > 448 saturates the scale, elements clip
+    v[0, 0, :, 5] = 0.0                         # whole v channel zero
+    v[0, 0, 40:50] *= 3e4
+    got = prepass(q, k, v, fmt, 32)
+    assert_same(got, prepass_torch(q, k, v, fmt, 32), Prepass._fields)
+
+
+def test_prepass_strided_inputs():
+    """[B, L, H, D] storage seen through a transpose (what attention modules usually pass)."""
+    q = torch.randn(1, 70, 4, 64, dtype=torch.bfloat16, device=DEV).transpose(1, 2)
+    k = torch.randn(1, 90, 2, 64, dtype=torch.bfloat16, device=DEV).transpose(1, 2)
+    v = torch.randn(1, 90, 2, 64, dtype=torch.bfloat16, device=DEV).transpose(1, 2)
+    assert not q.is_contiguous()
+    assert_same(prepass(q, k, v, "nvfp4", 32), prepass_torch(q, k, v, "nvfp4", 32), Prepass._fields)
+
+
+def test_prepass_rejects_bad_input():
+    q, k, v = qkv(1, 2, 1, 16, 16, D=48)
+    with pytest.raises(ValueError, match="head dim"):
+        prepass(q, k, v, "nvfp4", 16)
+    q, k, v = qkv(1, 3, 2, 16, 16)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        prepass(q, k, v, "fp8", 16)
+    q, k, v = qkv(1, 2, 1, 16, 16)
+    with pytest.raises(ValueError, match="format"):
+        prepass(q, k, v, "int4", 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection: exact vs select_from_stats + block_lists
+# ---------------------------------------------------------------------------------------------
+def _stats(B, Hq, Hkv, Lq, Lk, bs, *, tie_blocks=True):
+    """Prepass-style statistics from real q/k, with planted ties: duplicated key blocks (equal scores
+    for every query) and an all-zero query block (every score 0: pure index order)."""
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk)
+    nkb = -(-Lk // bs)
+    if tie_blocks and nkb >= 4:
+        k[:, :, 2 * bs:3 * bs] = k[:, :, 0:bs]
+        k[:, :, 3 * bs:min(4 * bs, Lk)] = k[:, :, bs:bs + min(4 * bs, Lk) - 3 * bs]
+    if tie_blocks and Lq > bs:
+        q[:, :, bs:2 * bs] = 0.0
+    return prepass_torch(q, k, v, "fp8", bs)
+
+
+SELECT_CASES = [
+    # B, Hq, Hkv, Lq, Lk, bs, fraction, top_k
+    (1, 4, 2, 256, 256, 16, 0.05, None),    # 16 x 16 blocks, GQA, the default budget
+    (1, 2, 1, 100, 77, 16, 0.3, None),      # ragged, Lq > Lk (causal rows past the last kv block)
+    (1, 2, 2, 64, 200, 16, 1.0, None),      # Lq < Lk, every candidate selected
+    (2, 2, 1, 130, 130, 32, 0.5, 3),        # fixed top_k, batch 2
+    (1, 2, 1, 96, 96, 32, 0.0, None),       # k = 0: all candidates on the low path
+]
+
+
+@pytest.mark.parametrize("selection", ("block_mean", "quest", "local"))
+@pytest.mark.parametrize("causal", (True, False), ids=("causal", "full"))
+@pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: f"{c[3]}x{c[4]}-bs{c[5]}-f{c[6]}-k{c[7]}")
+def test_select_exact(selection, causal, case):
+    B, Hq, Hkv, Lq, Lk, bs, fraction, top_k = case
+    pre = _stats(B, Hq, Hkv, Lq, Lk, bs)
+    cfg = ThriftConfig(selection=selection, fraction=fraction, top_k=top_k, block_size=bs)
+    got = select(pre, Lq, Lk, is_causal=causal, config=cfg)
+    assert_same(got, select_torch(pre, Lq, Lk, is_causal=causal, config=cfg), BlockLists._fields)
+
+
+def test_select_ties_go_to_lower_index():
+    """Every score equal (zero queries): the top-k are the k lowest candidates, lo is the rest."""
+    bs, Lq, Lk = 16, 64, 64
+    pre = _stats(1, 1, 1, Lq, Lk, bs, tie_blocks=False)
+    pre = pre._replace(q_mean=torch.zeros_like(pre.q_mean))
+    cfg = ThriftConfig(top_k=2, block_size=bs)
+    got = select(pre, Lq, Lk, is_causal=False, config=cfg)
+    assert got.hi_idx[0, 0, :, :2].tolist() == [[0, 1]] * 4
+    assert got.lo_idx[0, 0, :, :2].tolist() == [[2, 3]] * 4
+    assert got.hi_cnt.flatten().tolist() == [2] * 4 and got.lo_cnt.flatten().tolist() == [2] * 4
+
+
+def test_select_rejects_too_many_blocks():
+    bs = 16
+    Lk = (MAX_KV_BLOCKS_SELECT + 1) * bs
+    qm = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16, device=DEV)
+    km = torch.zeros(1, 1, MAX_KV_BLOCKS_SELECT + 1, 64, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match="MAX_KV_BLOCKS_SELECT"):
+        select_stats(qm, km, km, km, bs, Lk, is_causal=False, config=ThriftConfig(block_size=bs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: thrift::prepass / thrift::select
+# ---------------------------------------------------------------------------------------------
+def test_prepass_op_matches_launcher_and_fake():
+    q, k, v = qkv(1, 4, 2, 50, 70)
+    outs = torch.ops.thrift.prepass.default(q, k, v, "mxfp4", 32)
+    assert_same(outs, prepass_torch(q, k, v, "mxfp4", 32), Prepass._fields)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fakes = torch.ops.thrift.prepass.default(fq, fk, fv, "mxfp4", 32)
+    for name, f, r in zip(Prepass._fields, fakes, outs):
+        assert (tuple(f.shape), f.dtype, f.stride()) == (tuple(r.shape), r.dtype, r.stride()), name
+
+
+def test_select_op_matches_launcher_and_fake():
+    pre = _stats(1, 2, 1, 70, 90, 16)
+    args = (pre.q_mean, pre.k_mean, pre.k_min, pre.k_max, 70, 90, True, "quest", 0.25, None, 16)
+    outs = torch.ops.thrift.select.default(*args)
+    cfg = ThriftConfig(selection="quest", fraction=0.25, block_size=16)
+    assert_same(outs, select_torch(pre, 70, 90, is_causal=True, config=cfg), BlockLists._fields)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fakes = torch.ops.thrift.select.default(*(mode.from_tensor(a) for a in args[:4]), *args[4:])
+    for name, f, r in zip(BlockLists._fields, fakes, outs):
+        assert (tuple(f.shape), f.dtype, f.stride()) == (tuple(r.shape), r.dtype, r.stride()), name
+
+
+def test_opcheck():
+    q, k, v = qkv(1, 2, 1, 20, 24)
+    torch.library.opcheck(torch.ops.thrift.prepass.default, (q, k, v, "fp8", 16),
+                          test_utils=("test_schema", "test_faketensor"))
+    pre = prepass_torch(q, k, v, "fp8", 16)
+    torch.library.opcheck(torch.ops.thrift.select.default,
+                          (pre.q_mean, pre.k_mean, pre.k_min, pre.k_max, 20, 24, False, "block_mean", 0.5, 1, 16),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fake_shapes_are_symbolic_in_length():
+    """Under dynamic shapes the fakes must give ceil(L / bs) expressions, not guards on L."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+    q, k, v = qkv(1, 2, 1, 40, 72)
+    ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.STATIC, DimDynamic.DYNAMIC,
+                                                  DimDynamic.STATIC])
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    with mode:
+        fq, fk = (mode.from_tensor(t, symbolic_context=ctx) for t in (q, k))
+        fv = torch.empty_like(fk)                     # v shares k's length symbol, as in a real graph
+        outs = torch.ops.thrift.prepass.default(fq, fk, fv, "nvfp4", 16)
+        sel = torch.ops.thrift.select.default(outs[6], outs[7], outs[8], outs[9], fq.shape[2], fk.shape[2],
+                                              True, "block_mean", 0.1, None, 16)
+    assert isinstance(outs[6].shape[2], torch.SymInt) and isinstance(sel[0].shape[3], torch.SymInt)
+    assert not mode.shape_env.guards, [g.expr for g in mode.shape_env.guards]

@@ -1,0 +1,86 @@
+"""Graph-visible ops for the two helper kernels: ``thrift::prepass`` and ``thrift::select``.
+
+The Inductor lowering emits them as fallback kernels ahead of the attention template (docs/kernels.md):
+Custom ops are opaque to AOTAutograd, so the graph keeps exactly these nodes, and their fake impls give
+output shapes that are plain functions of the input sizes (``ceil(L / bs)``), which is what dynamic
+sequence lengths need: no data-dependent shape, no guard on the length.
+
+Implementations, per device:
+- CUDA: the Triton kernels (``templates/prepass.py``, ``templates/select.py``).
+- CPU: the same Triton kernels through the interpreter when ``TRITON_INTERPRET=1``, else the pure-torch
+  twins built from the oracle (identical results; the tests hold both to that).
+Outputs are always contiguous, matching the fakes.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .config import ThriftConfig
+from .templates import prepass as _prepass
+from .templates import select as _select
+
+PREPASS_OP = "thrift::prepass"
+SELECT_OP = "thrift::select"
+
+
+def _use_triton(t: Tensor) -> bool:
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def select_config(selection: str, fraction: float, top_k: Optional[int], block_size: int) -> ThriftConfig:
+    """The part of ``ThriftConfig`` that selection reads (format and p_quant do not matter to it)."""
+    return ThriftConfig(selection=selection, fraction=fraction, top_k=top_k, block_size=block_size)
+
+
+@torch.library.custom_op(PREPASS_OP, mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, str format, int block_size) -> Tensor[]")
+def prepass_op(q: Tensor, k: Tensor, v: Tensor, format: str, block_size: int) -> List[Tensor]:
+    """docs/kernels.md §1 outputs, in order: q_lo, q_scale, k_lo, k_scale, v_lo_t, v_scale, q_mean,
+    k_mean, k_min, k_max."""
+    fn = _prepass.prepass if _use_triton(q) else _prepass.prepass_torch
+    return list(fn(q, k, v, format, block_size))
+
+
+@prepass_op.register_fake
+def _prepass_fake(q, k, v, format, block_size):
+    _prepass.validate(q, k, v, format, block_size)
+    shapes = _prepass.output_shapes(tuple(q.shape), tuple(k.shape), format, block_size)
+    return [q.new_empty(shape, dtype=dtype) for shape, dtype in shapes.values()]
+
+
+@torch.library.custom_op(SELECT_OP, mutates_args=(),
+                         schema="(Tensor q_mean, Tensor k_mean, Tensor k_min, Tensor k_max, SymInt Lq, SymInt Lk, "
+                                "bool is_causal, str selection, float fraction, int? top_k, int block_size) "
+                                "-> Tensor[]")
+def select_op(q_mean: Tensor, k_mean: Tensor, k_min: Tensor, k_max: Tensor, Lq: int, Lk: int,
+              is_causal: bool, selection: str, fraction: float, top_k: Optional[int],
+              block_size: int) -> List[Tensor]:
+    """docs/kernels.md §2 outputs, in order: hi_idx, hi_cnt, lo_idx, lo_cnt (int32)."""
+    cfg = select_config(selection, fraction, top_k, block_size)
+    fn = _select.select_stats if _use_triton(q_mean) else _select.select_stats_torch
+    return list(fn(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal=is_causal, config=cfg))
+
+
+@select_op.register_fake
+def _select_fake(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal, selection, fraction, top_k, block_size):
+    select_config(selection, fraction, top_k, block_size)       # same argument errors as the real op
+    shapes = _select.output_shapes(tuple(q_mean.shape), tuple(k_mean.shape))
+    return [q_mean.new_empty(shape, dtype=torch.int32) for shape in shapes.values()]
+
+
+def call_prepass(q: Tensor, k: Tensor, v: Tensor, fmt: str, block_size: int) -> _prepass.Prepass:
+    """``torch.ops.thrift.prepass`` with its outputs named."""
+    return _prepass.Prepass(*torch.ops.thrift.prepass.default(q, k, v, fmt, int(block_size)))
+
+
+def call_select(pre: _prepass.Prepass, Lq: int, Lk: int, *, is_causal: bool,
+                config: ThriftConfig) -> _select.BlockLists:
+    """``torch.ops.thrift.select`` on a ``Prepass`` with ``config``'s selection fields, outputs named."""
+    out = torch.ops.thrift.select.default(pre.q_mean, pre.k_mean, pre.k_min, pre.k_max, Lq, Lk,
+                                          bool(is_causal), config.selection, float(config.fraction),
+                                          config.top_k, int(config.block_size))
+    return _select.BlockLists(*out)
