@@ -141,8 +141,9 @@ _DEFAULTS = {
     ("sm80", 128, False): AttnKernelConfig(64, 4, 2),
     ("sm80", 256, False): AttnKernelConfig(64, 8, 1),
 }
-# The interpreter: one small tile keeps interpreted numpy work low; stages/warps are ignored there.
-CPU_INTERPRETER_CONFIG = AttnKernelConfig(16, 4, 1)
+# The interpreter: few large programs keep interpreter overhead low (it runs programs one by one);
+# stages/warps are ignored there. Capped at block_size.
+CPU_INTERPRETER_CONFIG = AttnKernelConfig(64, 4, 1)
 
 # --- tier 2 / 3: autotune lists ------------------------------------------------------------------------
 AUTOTUNE = (
@@ -170,10 +171,11 @@ def default_config(arch: str, dtype: torch.dtype, head_dim: int, format: str,
                    block_size: int) -> Optional[AttnKernelConfig]:
     """The single config to use without benchmarking, or None if no config fits (caller falls back)."""
     if arch == "cpu":
-        cfg = CPU_INTERPRETER_CONFIG
-        return cfg if can_implement(cfg, head_dim, dtype, block_size, format=format, arch=arch) else None
-    table_arch = arch if any(k[0] == arch for k in _DEFAULTS) else FALLBACK_ARCH
-    preferred = _DEFAULTS.get((table_arch, head_dim, format == "fp8"))
+        preferred = dataclasses.replace(CPU_INTERPRETER_CONFIG,
+                                        block_m=min(CPU_INTERPRETER_CONFIG.block_m, block_size))
+    else:
+        table_arch = arch if any(k[0] == arch for k in _DEFAULTS) else FALLBACK_ARCH
+        preferred = _DEFAULTS.get((table_arch, head_dim, format == "fp8"))
     # Small block sizes (16, 32) or fp32 inputs can rule the table entry out: take the largest
     # autotune entry that still fits, so every (arch, dtype, head_dim, format, block_size) has a default.
     candidates = ([preferred] if preferred else []) + sorted(AUTOTUNE, reverse=True) + sorted(EXHAUSTIVE, reverse=True)

@@ -130,14 +130,6 @@ def _hint(expr) -> int:
     return int(fn(expr))
 
 
-def _static_int(expr) -> Optional[int]:
-    """``expr`` as an int if it is static, else None (never adds a guard)."""
-    try:
-        return int(expr)
-    except TypeError:
-        return None
-
-
 def _fixed_input(x):
     """Realize ``x`` with a unit last stride and a frozen layout: the template reads strides at render
     time, so they may not change later (2.11 lacks ``always_freeze_layout``; inductor.md §5.12)."""
@@ -150,10 +142,10 @@ def _fixed_input(x):
 
 def _selection_ops_available() -> bool:
     if not (hasattr(torch.ops.thrift, "prepass") and hasattr(torch.ops.thrift, "select")):
-        try:   # the kernels module registers thrift::prepass / thrift::select
-            from . import kernels  # noqa: F401
-        except ImportError:
-            pass
+        try:   # kernel_ops registers thrift::prepass / thrift::select
+            from . import kernel_ops  # noqa: F401
+        except ImportError as exc:
+            log.debug("thrift: kernel_ops unavailable: %s", exc)
     return hasattr(torch.ops.thrift, "prepass") and hasattr(torch.ops.thrift, "select")
 
 
@@ -265,14 +257,15 @@ def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, s
     if device.type != "cuda" and inductor_config.cpu_backend != "triton":
         return _fallback_node(q, k, v, op_kwargs, f"no Triton codegen for {device.type} "
                               f"(cpu_backend={inductor_config.cpu_backend!r})")
-    if override is not None and override.configs == () :
+    if override is not None and override.configs == ():
         return _fallback_node(q, k, v, op_kwargs, "forced by kernel_choices(configs=[])")
     B, Hq, Lq, D = q.get_size()
     _, Hkv, Lk, _ = k.get_size()
-    head_dim, hq, hkv = _static_int(D), _static_int(Hq), _static_int(Hkv)
-    if head_dim is None or hq is None or hkv is None:
-        return _fallback_node(q, k, v, op_kwargs, "head dim and head counts must be static (constexprs)")
-    if _static_int(v.get_size()[-1]) != head_dim:
+    # Head dim and head counts become constexprs: specialising on them is fine (a model has one value);
+    # the lengths Lq, Lk are never guarded.
+    guard_int = V.graph.sizevars.guard_int
+    head_dim, hq, hkv = guard_int(D), guard_int(Hq), guard_int(Hkv)
+    if guard_int(v.get_size()[-1]) != head_dim:
         return _fallback_node(q, k, v, op_kwargs, "value head dim differs from query head dim")
     if hkv == 0 or hq % hkv:
         return _fallback_node(q, k, v, op_kwargs, f"query heads {hq} not a multiple of kv heads {hkv}")

@@ -1,0 +1,179 @@
+"""CPU CI pipeline: backend="thrift" -> rewrite pass -> lowering -> attention template, run by the interpreter.
+
+Recipe (inductor.md §2e): ``TRITON_INTERPRET=1`` (tests/conftest.py), ``cpu_backend="triton"`` scoped with
+``config.patch``, and ``triton_hash_with_backend`` patched because no Triton driver exists on CPU.
+Shapes are tiny: the interpreter runs every program in numpy.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch._inductor.utils import fresh_cache, run_and_get_code
+
+import thrift_inductor.lowering as lowering
+from thrift_inductor import ThriftConfig, heuristics
+from thrift_inductor.ops import call_op
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CPU interpreter pipeline (GPU runs tests/gpu/test_lowering_cuda.py)")
+
+try:   # kernel vs oracle tolerance lives with the other tolerances once tests/tolerances.py lands
+    from tolerances import KERNEL_VS_ORACLE_ATOL_FP32 as ATOL
+except ImportError:
+    ATOL = 1e-5        # fp32 inputs: kernel and oracle differ only by fp32 summation order
+
+BLOCK = 64
+OPTIONS = {"thrift.fraction": 0.5, "thrift.block_size": BLOCK}
+
+
+@pytest.fixture
+def interpreter(monkeypatch, tmp_path):
+    """Triton codegen for CPU tensors through the interpreter, in a fresh Inductor cache."""
+    import torch.utils._triton as triton_utils
+    from thrift_inductor import backend
+    backend.register()
+    monkeypatch.setattr(triton_utils, "triton_hash_with_backend", lambda: "TRITON_INTERPRET")
+    monkeypatch.setenv("THRIFT_AUTOTUNE_STORE", str(tmp_path / "store.json"))
+    torch._dynamo.reset()
+    counters.clear()
+    with fresh_cache(), torch._inductor.config.patch(cpu_backend="triton"), torch.no_grad():
+        yield
+    torch._dynamo.reset()
+
+
+def sdpa_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def qkv(lq, lk=None, hq=4, hkv=2, d=64, dtype=torch.float32):
+    lk = lq if lk is None else lk
+    return (torch.randn(1, hq, lq, d, dtype=dtype), torch.randn(1, hkv, lk, d, dtype=dtype),
+            torch.randn(1, hkv, lk, d, dtype=dtype))
+
+
+def oracle(q, k, v, fmt="nvfp4"):
+    return call_op(q, k, v, scale=None, is_causal=True,
+                   config=ThriftConfig(format=fmt, fraction=OPTIONS["thrift.fraction"], block_size=BLOCK))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_sdpa_becomes_thrift_template(interpreter, fmt):
+    q, k, v = qkv(128)
+    fn = torch.compile(sdpa_causal, backend="thrift", options={**OPTIONS, "thrift.format": fmt})
+    out, (code, *_) = run_and_get_code(fn, q, k, v)
+    assert "triton_tem_" in code, "attention template kernel missing from the generated code"
+    assert "thrift_attention_tile" in code
+    assert "torch.ops.thrift.prepass.default(" in code and "torch.ops.thrift.select.default(" in code
+    assert "torch.ops.thrift.attention.default(" not in code, "eager fallback was emitted instead"
+    torch.testing.assert_close(out, oracle(q, k, v, fmt), atol=ATOL, rtol=0)
+
+
+def test_dynamic_lengths_one_graph(interpreter):
+    fn = torch.compile(sdpa_causal, backend="thrift", options=OPTIONS)
+    for lq in (128, 100, 37):          # whole blocks, a ragged tail, less than one block
+        q, k, v = qkv(lq)
+        for t in (q, k, v):
+            torch._dynamo.mark_dynamic(t, 2)
+        out = fn(q, k, v)
+        torch.testing.assert_close(out, oracle(q, k, v), atol=ATOL, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["thrift"]["template_choices"] == 1
+
+
+def test_epilogue_fuses_into_template(interpreter):
+    def fn(q, k, v):
+        return sdpa_causal(q, k, v) * 2 + 1
+    q, k, v = qkv(64)
+    out, (code, *_) = run_and_get_code(torch.compile(fn, backend="thrift", options=OPTIONS), q, k, v)
+    assert "triton_tem_fused" in code and "triton_poi" not in code, "epilogue was not fused into the store"
+    torch.testing.assert_close(out, oracle(q, k, v) * 2 + 1, atol=2 * ATOL, rtol=0)
+
+
+def test_stock_cpu_backend_lowers_to_eager_op(monkeypatch, interpreter):
+    q, k, v = qkv(64)
+    with torch._inductor.config.patch(cpu_backend="cpp"):
+        out, (code, *_) = run_and_get_code(torch.compile(sdpa_causal, backend="thrift", options=OPTIONS), q, k, v)
+    assert "triton_tem_" not in code
+    assert "torch.ops.thrift.attention.default(" in code
+    assert counters["thrift"]["lowering_fallback_only"] == 1
+    torch.testing.assert_close(out, oracle(q, k, v), atol=0, rtol=0)
+
+
+def test_unsupported_head_dim_lowers_to_eager_op(interpreter):
+    # fp8 accepts D=48 (a multiple of 16), but the kernel's tl.arange needs a power-of-two head dim.
+    def fn(q, k, v):
+        return call_op(q, k, v, scale=None, is_causal=True, config=ThriftConfig(format="fp8", block_size=BLOCK))
+    q, k, v = qkv(64, d=48)
+    out, (code, *_) = run_and_get_code(torch.compile(fn, backend="inductor"), q, k, v)
+    assert "triton_tem_" not in code and "torch.ops.thrift.attention.default(" in code
+    torch.testing.assert_close(out, fn(q, k, v), atol=0, rtol=0)
+
+
+def test_forced_fallback_drops_prepass_and_select(interpreter):
+    q, k, v = qkv(64)
+    with lowering.kernel_choices([], fallback=True):
+        out, (code, *_) = run_and_get_code(torch.compile(sdpa_causal, backend="thrift", options=OPTIONS), q, k, v)
+    assert "triton_tem_" not in code and "thrift.prepass" not in code and "thrift.select" not in code
+    torch.testing.assert_close(out, oracle(q, k, v), atol=0, rtol=0)
+
+
+def test_store_hit_skips_benchmarking(interpreter, tmp_path):
+    """Cold compile benchmarks two configs and records the winner; a warm one offers only the winner."""
+    configs = [heuristics.AttnKernelConfig(16, 4, 1), heuristics.AttnKernelConfig(32, 4, 1)]
+    q, k, v = qkv(64, hq=2, hkv=1)
+    with lowering.kernel_choices(configs, fallback=False, store=True):
+        torch.compile(sdpa_causal, backend="thrift", options=OPTIONS)(q, k, v)
+    assert counters["inductor"]["select_algorithm_autotune"] == 1
+    assert counters["thrift"]["autotune_store_miss"] == 1 and counters["thrift"]["autotune_store_record"] == 1
+    stored = (tmp_path / "store.json").read_text()
+    winner = next(c for c in configs if f'"block_m": {c.block_m}' in stored)
+
+    torch._dynamo.reset()
+    counters.clear()
+    with lowering.kernel_choices(configs, fallback=False, store=True):
+        out, (code, *_) = run_and_get_code(torch.compile(sdpa_causal, backend="thrift", options=OPTIONS),
+                                           q, k, v)
+    assert counters["thrift"]["autotune_store_hit"] == 1
+    assert counters["inductor"]["select_algorithm_autotune"] == 0, "a store hit must not benchmark"
+    assert f"'BLOCK_M': {winner.block_m}," in code
+    torch.testing.assert_close(out, oracle(q, k, v), atol=ATOL, rtol=0)
+
+
+def test_synthetic_selection_is_valid():
+    """Benchmark-time selection tensors obey docs/kernels.md §2 (indices in range, lists disjoint)."""
+    from thrift_inductor.reference import candidate_counts
+    hi, hi_cnt, lo, lo_cnt = lowering.synthetic_selection(2, 3, 200, 300, 64, True, 2, "cpu")
+    nqb, nkb = 4, 5
+    assert hi.shape == lo.shape == (2, 3, nqb, nkb) and hi_cnt.shape == (2, 3, nqb)
+    cand = candidate_counts(nqb, nkb, True)
+    assert torch.equal((hi_cnt + lo_cnt)[0, 0].long(), cand)
+    for row in range(nqb):
+        h = hi[0, 0, row, :hi_cnt[0, 0, row]].tolist()
+        lo_row = lo[0, 0, row, :lo_cnt[0, 0, row]].tolist()
+        assert sorted(h + lo_row) == list(range(int(cand[row]))) and lo_row == sorted(lo_row)
+        assert (hi[0, 0, row, hi_cnt[0, 0, row]:] == -1).all() and (lo[0, 0, row, lo_cnt[0, 0, row]:] == -1).all()
+
+
+def test_pass_uuid_sees_template_edits(tmp_path, monkeypatch):
+    """The FX graph cache must miss when the template text changes: the pass uuid hashes it."""
+    from thrift_inductor.passes import attention_pass
+    real = attention_pass._source_files()
+    assert str(lowering.TEMPLATE_PATH) in real
+    copies = []
+    for path in real:
+        dst = tmp_path / os.path.relpath(path, os.path.dirname(os.path.dirname(lowering.TEMPLATE_PATH)))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dst)
+        copies.append(str(dst))
+    monkeypatch.setattr(attention_pass, "_source_files", lambda: tuple(copies))
+    before = attention_pass.ThriftAttentionPass().uuid()
+    template_copy = tmp_path / "templates" / lowering.TEMPLATE_PATH.name
+    template_copy.write_text(template_copy.read_text() + "\n")
+    # torch memoises get_hash_for_files per path tuple; a new process (the real case) re-reads the files.
+    attention_pass.get_hash_for_files.cache_clear()
+    assert attention_pass.ThriftAttentionPass().uuid() != before
