@@ -52,10 +52,11 @@ Argument legend of ``thrift_attention_tile`` (in this order):
               FORMAT        0 nvfp4, 1 mxfp4, 2 fp8 (common.FORMAT_CODES)
               P_MICRO       p_quant == "microblock" (not implemented: must be False; see can_implement)
               GQA_GROUP     G = Hq // Hkv; kv head = hq // G
-              INTERPRET     running under TRITON_INTERPRET=1. Two interpreter workarounds: P is rounded to
-                            the e4m3 grid in fp32 before the fp8 cast (the interpreter mis-rounds fp32 ->
-                            fp8e4nv; on GPU the hardware cast is already RNE), and bf16 dot operands are
-                            widened to fp32 (exact; the interpreter's bf16 x bf16 dot returns garbage)
+              P_EXACT_ROUND True exactly when running under TRITON_INTERPRET=1; switches on the interpreter
+                            workarounds: P is rounded to the e4m3 grid in fp32 before the fp8 cast (the
+                            interpreter mis-rounds fp32 -> fp8e4nv; on GPU the hardware cast is RNE), bf16
+                            dot operands are widened to fp32 (exact; the interpreter's bf16 x bf16 dot
+                            returns garbage) and fp32 -> bf16 casts are rounded first (it truncates)
 Returns the normalised fp32 ``[BLOCK_M, HEAD_DIM]`` output tile (rows >= Lq hold garbage; mask the store).
 """
 from __future__ import annotations
@@ -103,9 +104,9 @@ def _e2m1_rn_nonneg(x):
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+def _dot(a, b, IEEE: tl.constexpr, P_EXACT_ROUND: tl.constexpr):
     """a @ b with fp32 accumulation. IEEE: fp32 operands, no tf32 (the high path of fp32 inputs)."""
-    if INTERPRET and a.dtype == tl.bfloat16:
+    if P_EXACT_ROUND and a.dtype == tl.bfloat16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     elif IEEE:
         return tl.dot(a, b, input_precision="ieee")
@@ -124,7 +125,7 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, kv_blk, offs_m, offs_d, Lk,
              vs_base, stride_vsb, stride_vsd,
              LOW: tl.constexpr, MASKED: tl.constexpr, HIGH_IEEE: tl.constexpr,
              BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
-             INTERPRET: tl.constexpr):
+             P_EXACT_ROUND: tl.constexpr):
     """q_rowc: per-row factor [BLOCK_M] taking the raw dot product to the log2 score (scale*log2e, and
     the fp8 q scale). k/v pointer bases are already offset to the (batch, kv head)."""
     start_n = kv_blk * BLOCK_N
@@ -135,7 +136,7 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, kv_blk, offs_m, offs_d, Lk,
                     mask=n_ok[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-    qk = _dot(q, tl.trans(k), HIGH_IEEE, INTERPRET)
+    qk = _dot(q, tl.trans(k), HIGH_IEEE, P_EXACT_ROUND)
     if LOW and FORMAT == 2:
         # fp8: raw = (q8 . k8) * sq * sk; the column scale is one multiply, the row scale sits in q_rowc
         if MASKED:
@@ -162,7 +163,7 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, kv_blk, offs_m, offs_d, Lk,
             pe = tl.exp2(qk * q_rowc[:, None] - (b - _LOG2_P_FP8_MAX)[:, None])
             beta = beta * _INV_P_FP8_MAX
             l_ij = tl.sum(pe, 1)
-            if INTERPRET:
+            if P_EXACT_ROUND:
                 pe = e4m3_rn(pe)
             p = pe.to(tl.float8e4nv)
             if MASKED:
@@ -183,15 +184,15 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, kv_blk, offs_m, offs_d, Lk,
                             mask=offs_n[:, None] < Lk, other=0.0)
             else:
                 v = tl.load(v_ptrs_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
-            pv = _dot(p, v, False, INTERPRET)
+            pv = _dot(p, v, False, P_EXACT_ROUND)
     else:
         pe = tl.exp2(qk * q_rowc[:, None] - b[:, None])
         l_ij = tl.sum(pe, 1)
         v = tl.load(v_ptrs_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=offs_n[:, None] < Lk, other=0.0)
-        if INTERPRET and v.dtype == tl.bfloat16:
+        if P_EXACT_ROUND and v.dtype == tl.bfloat16:
             pe = bf16_rn(pe)     # the interpreter's fp32 -> bf16 cast truncates
-        pv = _dot(pe.to(v.dtype), v, HIGH_IEEE, INTERPRET)
+        pv = _dot(pe.to(v.dtype), v, HIGH_IEEE, P_EXACT_ROUND)
     acc = acc * alpha[:, None] + pv * beta[:, None]
     l_i = l_i * alpha + l_ij * beta
     return acc, l_i, m_new
@@ -216,7 +217,7 @@ def thrift_attention_tile(
         Lq, Lk, off_z, off_hq, start_m,
         SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr, P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr,
-        INTERPRET: tl.constexpr):
+        P_EXACT_ROUND: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0, "BLOCK_M must divide BLOCK_N (the selection block)")
     tl.static_assert(not P_MICRO, "p_quant='microblock' is not implemented in the kernel")
     off_hkv = off_hq // GQA_GROUP
@@ -260,13 +261,13 @@ def thrift_attention_tile(
                                      kl_base, stride_kln, stride_kld,
                                      vt_base, stride_vtn, stride_vtd,
                                      ks_base, stride_ksn, vs_base, stride_vsb, stride_vsd,
-                                     True, False, False, BLOCK_N, IS_CAUSAL, FORMAT, INTERPRET)
+                                     True, False, False, BLOCK_N, IS_CAUSAL, FORMAT, P_EXACT_ROUND)
         kv_blk = tl.load(lo_row + (lo_cnt - 1) * stride_lok)
         acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, kv_blk, offs_m, offs_d, Lk,
                                  kl_base, stride_kln, stride_kld,
                                  vt_base, stride_vtn, stride_vtd,
                                  ks_base, stride_ksn, vs_base, stride_vsb, stride_vsd,
-                                 True, True, False, BLOCK_N, IS_CAUSAL, FORMAT, INTERPRET)
+                                 True, True, False, BLOCK_N, IS_CAUSAL, FORMAT, P_EXACT_ROUND)
 
     # ---- loop 2: input precision ------------------------------------------------------------------
     if hi_cnt > 0:
@@ -282,7 +283,7 @@ def thrift_attention_tile(
                                      k_base, stride_kn, stride_kd,
                                      v_base, stride_vn, stride_vd,
                                      K_SCALE, 0, V_SCALE, 0, 0,
-                                     False, True, HIGH_IEEE, BLOCK_N, IS_CAUSAL, FORMAT, INTERPRET)
+                                     False, True, HIGH_IEEE, BLOCK_N, IS_CAUSAL, FORMAT, P_EXACT_ROUND)
 
     # l == 0 only when the row saw no key at all (no candidates): the contract says output 0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -318,7 +319,7 @@ def _thrift_attention_fwd(
         Lq, Lk, HQ,
         SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr, P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr,
-        INTERPRET: tl.constexpr):
+        P_EXACT_ROUND: tl.constexpr):
     start_m = thrift_attention_program(tl.program_id(0), Lq, BLOCK_M, IS_CAUSAL)
     off_zh = tl.program_id(1)
     off_z = off_zh // HQ
@@ -339,12 +340,12 @@ def _thrift_attention_fwd(
         stride_loz, stride_loh, stride_lom, stride_lok,
         stride_lcz, stride_lch, stride_lcm,
         Lq, Lk, off_z, off_hq, start_m,
-        SM_SCALE, BLOCK_M, BLOCK_N, HEAD_DIM, IS_CAUSAL, FORMAT, P_MICRO, GQA_GROUP, INTERPRET)
+        SM_SCALE, BLOCK_M, BLOCK_N, HEAD_DIM, IS_CAUSAL, FORMAT, P_MICRO, GQA_GROUP, P_EXACT_ROUND)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     o_ptrs = (OUT + off_z.to(tl.int64) * stride_oz + off_hq.to(tl.int64) * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
-    if INTERPRET and OUT.dtype.element_ty == tl.bfloat16:
+    if P_EXACT_ROUND and OUT.dtype.element_ty == tl.bfloat16:
         acc = bf16_rn(acc)       # the interpreter's fp32 -> bf16 cast truncates
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=offs_m[:, None] < Lq)
 
@@ -440,6 +441,6 @@ def attention_forward(q, k, v, q_lo, q_scale, k_lo, k_scale, v_lo_t, v_scale,
         *tensors, *strides, Lq, Lk, Hq,
         SM_SCALE=float(scale), BLOCK_M=bm, BLOCK_N=bs, HEAD_DIM=D, IS_CAUSAL=bool(is_causal),
         FORMAT=FORMAT_CODES[cfg.format], P_MICRO=False, GQA_GROUP=Hq // Hkv,
-        INTERPRET=_interpreting(),
+        P_EXACT_ROUND=_interpreting(),
         num_warps=num_warps or dflt.num_warps, num_stages=num_stages or dflt.num_stages)
     return out
