@@ -433,7 +433,7 @@ def _chunk_rows(lk_pad: int, block_size: int) -> int:
     return max(block_size, rows // block_size * block_size)
 
 
-def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale, config, dtype):
+def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale, config, dtype, out_dtype):
     """Rows ``row0 .. row0 + R`` of one (batch, head). q/q_lo ``[R, D]``, k/k_lo ``[Lk, D]``,
     v/v_lo ``[Lk_pad, Dv]`` zero-padded, hi_rows bool ``[R, NKB]`` (the row's query block)."""
     bs = config.block_size
@@ -464,13 +464,16 @@ def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale,
     p_lo = torch.where(hi3, 0.0, p_lo * f[..., None]).view(rows, nkb * bs)
     out = p_hi @ v.float() + p_lo @ v_lo
     out = torch.where(ell[:, None] > 0, out / torch.where(ell > 0, ell, 1.0)[:, None], 0.0)
-    return out.to(dtype)
+    return out.to(out_dtype)
 
 
 def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
                                scale: Optional[float] = None, config: ThriftConfig = ThriftConfig(),
-                               hi_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+                               hi_idx: Optional[torch.Tensor] = None,
+                               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """ThriftAttention as defined by docs/numerics.md; output ``[B, Hq, Lq, Dv]`` in ``q.dtype``.
+
+    ``out_dtype=torch.float32`` skips the final rounding to the input dtype (tighter kernel checks).
 
     ``hi_idx`` (any width, -1 padded; invalid entries ignored) overrides ``select_blocks``. Causal is
     SDPA top-left alignment. Runs per (batch, head) in block-aligned query chunks so the score tile
@@ -482,7 +485,8 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     bs = config.block_size
     nkb = _cdiv(lk, bs)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    out = torch.zeros(batch, hq, lq, dv, dtype=q.dtype, device=q.device)
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    out = torch.zeros(batch, hq, lq, dv, dtype=out_dtype, device=q.device)
     if lq == 0 or lk == 0:
         return out
     if hi_idx is None:
@@ -504,7 +508,7 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 out[b, h, r0:r1] = _attend_chunk(
                     q[b, h, r0:r1], k[b, kvh], v_pad[b, kvh], q_lo[b, h, r0:r1], k_lo[b, kvh],
                     v_lo[b, kvh], hi_rows, r0, is_causal=is_causal, scale=scale, config=config,
-                    dtype=q.dtype)
+                    dtype=q.dtype, out_dtype=out_dtype)
     return out
 
 
