@@ -23,6 +23,9 @@ from .config import ThriftConfig
 log = logging.getLogger("thrift_inductor")
 
 OP_NAME = "thrift::attention"
+# Explicit schema: inferred annotations would make the ints SymInt, and these are config constants.
+OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float? scale, bool is_causal, str format, float fraction, "
+             "int? top_k, str selection, int block_size, str p_quant) -> Tensor")
 
 
 def config_to_op_args(cfg: ThriftConfig) -> tuple:
@@ -43,7 +46,7 @@ def _reference(q, k, v, scale, is_causal, cfg):
     return out.to(q.dtype).contiguous()
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=())
+@torch.library.custom_op(OP_NAME, mutates_args=(), schema=OP_SCHEMA)
 def thrift_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], is_causal: bool,
                      format: str, fraction: float, top_k: Optional[int], selection: str,
                      block_size: int, p_quant: str) -> Tensor:

@@ -1,3 +1,199 @@
-"""Hand-written attention patterns (placeholder; filled in next)."""
-def apply_patterns(graph, cfg, graph_id):
-    return 0
+"""Hand-written attention -> ``thrift::attention`` (``joint_custom_pre_pass``).
+
+Spellings covered (each also with a ``clone`` after the softmax, which is what eval-mode dropout
+becomes, and with an additive causal mask, HF "eager" style)::
+
+    softmax(q @ kᵀ * s) @ v          softmax(q @ kᵀ / s) @ v          softmax(q @ kᵀ * s + mask) @ v
+
+Patterns are traced with ``fwd_only`` (inference graphs): in a training graph the softmax output feeds
+the backward, so the match is refused by the matcher itself and the site stays stock.
+They are traced lazily, once per process (tracing ~30 variants takes seconds, inductor.md §5.11), with
+fp32 and fp16 example inputs (half softmax adds casts) and batch 2 / batch 1 (matmul's reshape adds a
+``clone`` only when batch > 1).
+
+Config and scale reach the replacement through a context variable: ``register_replacement`` traces
+the replacement right after ``extra_check`` accepted a match, so the check computes the op arguments
+(scale as a float, causal-ness of the mask) and the replacement reads them.
+"""
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import torch
+from torch._inductor.pattern_matcher import Match, PatternMatcherPass, fwd_only, register_replacement
+from torch.fx import Node
+
+from ..config import ThriftConfig
+from ..ops import config_to_op_args
+from . import eligibility as E
+from .masks import is_causal_mask
+from .sites import Site, record, shape_of
+
+aten = torch.ops.aten
+
+# Example scalar for the traced scale: an odd value so it cannot be confused with shapes (the same
+# workaround fuse_attention.py uses; scalars are matched by position, not value).
+_SCALE_EXAMPLE = 0.66666
+
+
+@dataclasses.dataclass
+class _Active:
+    cfg: ThriftConfig
+    graph_id: int
+    seen: set
+    count: int = 0
+    scale: Optional[float] = None
+    is_causal: bool = False
+
+
+_ACTIVE: contextvars.ContextVar[Optional[_Active]] = contextvars.ContextVar("thrift_pattern_state", default=None)
+
+
+# --------------------------------------------------------------------------- search functions
+def _mul(query, key, value, scale):
+    return torch.matmul(query, key.transpose(-2, -1)).mul(scale).softmax(dim=-1).matmul(value)
+
+
+def _div(query, key, value, inv_scale):
+    return torch.matmul(query, key.transpose(-2, -1)).div(inv_scale).softmax(dim=-1).matmul(value)
+
+
+def _mul_clone(query, key, value, scale):
+    return torch.matmul(query, key.transpose(-2, -1)).mul(scale).softmax(dim=-1).clone().matmul(value)
+
+
+def _div_clone(query, key, value, inv_scale):
+    return torch.matmul(query, key.transpose(-2, -1)).div(inv_scale).softmax(dim=-1).clone().matmul(value)
+
+
+def _mul_mask(query, key, value, scale, attn_mask):
+    return (torch.matmul(query, key.transpose(-2, -1)).mul(scale) + attn_mask).softmax(dim=-1).matmul(value)
+
+
+def _div_mask(query, key, value, inv_scale, attn_mask):
+    return (torch.matmul(query, key.transpose(-2, -1)).div(inv_scale) + attn_mask).softmax(dim=-1).matmul(value)
+
+
+def _mul_mask_clone(query, key, value, scale, attn_mask):
+    s = torch.matmul(query, key.transpose(-2, -1)).mul(scale) + attn_mask
+    return s.softmax(dim=-1).clone().matmul(value)
+
+
+def _div_mask_clone(query, key, value, inv_scale, attn_mask):
+    s = torch.matmul(query, key.transpose(-2, -1)).div(inv_scale) + attn_mask
+    return s.softmax(dim=-1).clone().matmul(value)
+
+
+def _replacement(query, key, value, *_unused):
+    state = _ACTIVE.get()
+    return torch.ops.thrift.attention.default(query, key, value, state.scale, state.is_causal,
+                                              *config_to_op_args(state.cfg))
+
+
+# name -> (search fn, scale is a divisor, has mask)
+_SEARCH = {
+    "mul": (_mul, False, False), "div": (_div, True, False),
+    "mul_clone": (_mul_clone, False, False), "div_clone": (_div_clone, True, False),
+    "mul_mask": (_mul_mask, False, True), "div_mask": (_div_mask, True, True),
+    "mul_mask_clone": (_mul_mask_clone, False, True), "div_mask_clone": (_div_mask_clone, True, True),
+}
+
+
+# --------------------------------------------------------------------------- checks
+def _constant_scalar(x) -> Optional[float]:
+    """A Python number, or a ``full([], c)`` / ``scalar_tensor(c)`` node (GPT-2 divides by one)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if isinstance(x, Node) and x.op == "call_function" and x.target in (aten.full.default, aten.scalar_tensor.default):
+        value = x.args[1] if x.target is aten.full.default else x.args[0]
+        if isinstance(value, (int, float)) and (x.target is not aten.full.default or list(x.args[0]) == []):
+            return float(value)
+    return None
+
+
+def _make_check(divide: bool, masked: bool):
+    def check(match: Match) -> bool:
+        state = _ACTIVE.get()
+        if state is None:
+            return False
+        q, k, v = (match.kwargs[n] for n in ("query", "key", "value"))
+        qv, kv, vv = (n.meta.get("val") for n in (q, k, v))
+        out = match.output_nodes()[0]
+        raw = match.kwargs["inv_scale" if divide else "scale"]
+        scalar = _constant_scalar(raw)
+        reason = None
+        if scalar is None or (divide and scalar == 0.0) or not math.isfinite(scalar):
+            reason = "scale"
+        elif not all(isinstance(t, torch.Tensor) for t in (qv, kv, vv)):
+            reason = E.RANK
+        else:
+            reason = E.check_tensors(qv, kv, vv, state.cfg)
+        is_causal = False
+        if reason is None and masked:
+            mask = match.kwargs["attn_mask"]
+            if is_causal_mask(mask, qv.shape[-2], kv.shape[-2]):
+                is_causal = True
+            else:
+                reason = E.MASK
+        key = (state.graph_id, out.name)
+        if key not in state.seen:   # overlapping patterns may check one site more than once
+            state.seen.add(key)
+            if reason is not None:
+                record(Site(graph=state.graph_id, node=out.name, op="hand-written", kind="pattern",
+                            q_shape=shape_of(qv) if isinstance(qv, torch.Tensor) else (),
+                            kv_shape=shape_of(kv) if isinstance(kv, torch.Tensor) else (),
+                            dtype=str(getattr(qv, "dtype", "?")).replace("torch.", ""), is_causal=is_causal,
+                            rewritten=False, reason=reason, config=state.cfg.cache_key()))
+        if reason is not None:
+            return False
+        state.scale = (1.0 / scalar) if divide else scalar
+        state.is_causal = is_causal
+        state.count += 1
+        record(Site(graph=state.graph_id, node=out.name, op="hand-written", kind="pattern",
+                    q_shape=shape_of(qv), kv_shape=shape_of(kv), dtype=str(qv.dtype).replace("torch.", ""),
+                    is_causal=is_causal, rewritten=True, reason=None, config=state.cfg.cache_key()))
+        return True
+    return check
+
+
+# --------------------------------------------------------------------------- registration
+@functools.lru_cache(maxsize=1)
+def _patterns() -> PatternMatcherPass:
+    patterns = PatternMatcherPass(pass_name="thrift_attention_patterns")
+    # Shapes only shape the trace (batch 1 drops a clone); the pattern matches any sizes.
+    # Batch 1 drops the clone that matmul's reshape adds for batch > 1.
+    layouts = (((2, 4, 8, 16), False), ((1, 4, 8, 16), False))
+    for dtype in (torch.float32, torch.float16):
+        for shape, strided_q in layouts:
+            def t():
+                return torch.empty(shape, dtype=dtype)
+            q = torch.empty((shape[0], shape[2], shape[1], shape[3]), dtype=dtype).transpose(1, 2) if strided_q else t()
+            mask = torch.empty((shape[0], 1, shape[2], shape[2]), dtype=dtype)
+            for name, (fn, divide, masked) in _SEARCH.items():
+                if strided_q and not masked:
+                    continue   # only the HF-eager spelling needs it; each trace costs ~0.2 s
+                args = [q, t(), t(), _SCALE_EXAMPLE] + ([mask] if masked else [])
+                workaround = {"inv_scale" if divide else "scale": _SCALE_EXAMPLE}
+                register_replacement(fn, _replacement, args, fwd_only, patterns,
+                                     extra_check=_make_check(divide, masked), scalar_workaround=workaround,
+                                     skip_duplicates=True)
+    return patterns
+
+
+def apply_patterns(graph: torch.fx.Graph, cfg: ThriftConfig, graph_id: int) -> int:
+    """Rewrite eligible hand-written attention in ``graph``; returns the number of rewritten sites."""
+    if not any(n.op == "call_function" and n.target in (aten._softmax.default, aten.amax.default)
+               for n in graph.nodes):
+        return 0   # no softmax, nothing to match: skip the (cached, but first-time slow) registration
+    patterns = _patterns()
+    state = _Active(cfg=cfg, graph_id=graph_id, seen=set())
+    token = _ACTIVE.set(state)
+    try:
+        patterns.apply(graph)
+    finally:
+        _ACTIVE.reset(token)
+    return state.count
