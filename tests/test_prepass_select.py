@@ -272,3 +272,28 @@ def test_fake_shapes_are_symbolic_in_length():
                                               True, "block_mean", 0.1, None, 16)
     assert isinstance(outs[6].shape[2], torch.SymInt) and isinstance(sel[0].shape[3], torch.SymInt)
     assert not mode.shape_env.guards, [g.expr for g in mode.shape_env.guards]
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration: prepass -> select -> attention (kernels.thrift_attention_triton)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,causal", [("nvfp4", True), ("fp8", False)])
+def test_thrift_attention_triton_end_to_end(fmt, causal):
+    from tolerances import assert_kernel_matches_oracle
+
+    from thrift_inductor.kernels import supports, thrift_attention_triton
+    q, k, v = qkv(1, 2, 1, 70, 90)
+    cfg = ThriftConfig(format=fmt, fraction=0.3, block_size=32)
+    assert supports(q, k, v, cfg)
+    out = thrift_attention_triton(q, k, v, scale=None, is_causal=causal, config=cfg)
+    oracle = ref.thrift_attention_reference(q, k, v, is_causal=causal, config=cfg)
+    assert_kernel_matches_oracle(out, oracle, ref.exact_attention(q, k, v, is_causal=causal))
+
+
+def test_supports_declines_with_reason():
+    from thrift_inductor.kernels import supports, why_not
+    q, k, v = qkv(1, 2, 1, 16, 16, D=48)
+    assert not supports(q, k, v, ThriftConfig(format="nvfp4"))
+    assert "head" in why_not(q, k, v, ThriftConfig(format="nvfp4"))
+    q, k, v = qkv(1, 2, 1, 16, 16)
+    assert "dtypes differ" in why_not(q, k.float(), v, ThriftConfig())

@@ -1,8 +1,8 @@
 """Block selection: which kv blocks each query block computes in the input precision (docs/kernels.md §2).
 
 How is this kernel parallelized? Grid ``(NQB, B * Hq)``: one program per (query block, query head). It
-scores its query block against every candidate kv block in fp64, keeps the whole row of scores in
-registers (``BLOCK_KV = next_pow2(NKB) <= MAX_KV_BLOCKS_SELECT``), then takes the top-k by k repeated
+scores its query block against every candidate kv block in fp64 (KV_CHUNK blocks at a time), keeps the
+whole row of scores in registers (``BLOCK_KV = next_pow2(NKB) <= MAX_KV_BLOCKS_SELECT``), then takes the top-k by k repeated
 argmax passes (ties -> lowest index) and writes the ascending complement.
 
 Numerics (docs/numerics.md §3), exact with ``reference.select_from_stats`` + ``reference.block_lists``:
@@ -29,13 +29,11 @@ SELECT_LOCAL = 2
 SELECTION_CODES = {"block_mean": SELECT_BLOCK_MEAN, "quest": SELECT_QUEST, "local": SELECT_LOCAL}
 assert tuple(SELECTION_CODES) == SELECTIONS
 
-# fp64 products per score chunk ([BLOCK_KV, D_CHUNK] in registers): enough to keep loads vectorised along
-# the head dim without spilling when BLOCK_KV is large.
-_SCORE_CHUNK_ELEMS = 2048
-_MAX_D_CHUNK = 16
-# Warps by row length: the fp64 score row and its masks are spread over the program's threads.
-_WARPS_BY_BLOCK_KV = ((256, 1), (1024, 4))
-_MAX_WARPS = 8
+# fp64 products per score chunk ([KV_CHUNK, D] in registers; quest holds two such tiles, so half the
+# blocks): 4096 fp64 over 4 warps is 32 per thread, no spills, and 16-byte loads along the head dim.
+_SCORE_CHUNK_ELEMS = 4096
+# One warpgroup: the row of BLOCK_KV <= 4096 fp64 scores is then <= 32 registers pairs per thread.
+_NUM_WARPS = 4
 
 
 class BlockLists(NamedTuple):
@@ -60,7 +58,7 @@ def _select_kernel(
     HI, HI_CNT, LO, LO_CNT,            # outputs, contiguous
     Hq, NQB, NKB, TOP_K,               # TOP_K: resolved on the host (resolve_top_k), <= NKB
     SELECTION: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA_GROUP: tl.constexpr,
-    D: tl.constexpr, D_CHUNK: tl.constexpr, BLOCK_KV: tl.constexpr,
+    D: tl.constexpr, KV_CHUNK: tl.constexpr, BLOCK_KV: tl.constexpr,
 ):
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -85,20 +83,29 @@ def _select_kernel(
         tl.store(hi_ptr + offs, start + offs, mask=offs < n_hi)
         selected = (offs >= start) & (offs < start + n_hi)
     else:
-        qm_ptr = QM + (pid_bh.to(tl.int64) * NQB + i) * D
-        k_off = (off_z * (Hq // GQA_GROUP) + off_kh).to(tl.int64) * NKB * D
-        score = tl.zeros((BLOCK_KV,), tl.float64)
-        for d0 in tl.static_range(0, D, D_CHUNK):
-            offs_d = d0 + tl.arange(0, D_CHUNK)
-            qd = tl.load(qm_ptr + offs_d).to(tl.float64)
-            kd_off = k_off + offs[:, None] * D + offs_d[None, :]
+        # Scores chunk by chunk of KV_CHUNK blocks ([KV_CHUNK, D] tiles: coalesced rows of the stats), only
+        # over candidate chunks (causal rows skip the rest); each chunk lands in its row of score2.
+        offs_d = tl.arange(0, D)
+        qd = tl.load(QM + (pid_bh.to(tl.int64) * NQB + i) * D + offs_d).to(tl.float64)
+        k_base = (off_z * (Hq // GQA_GROUP) + off_kh).to(tl.int64) * NKB * D
+        NCHUNK: tl.constexpr = BLOCK_KV // KV_CHUNK
+        chunk_ids = tl.arange(0, NCHUNK)
+        offs_c = tl.arange(0, KV_CHUNK)
+        score2 = tl.full((NCHUNK, KV_CHUNK), float("-inf"), tl.float64)
+        for c in range(0, tl.cdiv(n_cand, KV_CHUNK)):
+            offs_j = c * KV_CHUNK + offs_c
+            ok = offs_j < n_cand
+            k_off = k_base + offs_j[:, None] * D + offs_d[None, :]
             if SELECTION == 0:
-                kd = tl.load(KM + kd_off, mask=cand[:, None], other=0.0)
+                kd = tl.load(KM + k_off, mask=ok[:, None], other=0.0).to(tl.float64)
             else:
-                # quest: the bound that maximises q_d * k_d; one load through a per-channel pointer choice.
-                use_max = tl.broadcast_to((qd >= 0.0)[None, :], (BLOCK_KV, D_CHUNK))
-                kd = tl.load(tl.where(use_max, KMAX + kd_off, KMIN + kd_off), mask=cand[:, None], other=0.0)
-            score += tl.sum(qd[None, :] * kd.to(tl.float64), axis=1)
+                # quest: per channel the bound that maximises q_d * k_d (q_d == 0 contributes 0 either way).
+                kmax = tl.load(KMAX + k_off, mask=ok[:, None], other=0.0).to(tl.float64)
+                kmin = tl.load(KMIN + k_off, mask=ok[:, None], other=0.0).to(tl.float64)
+                kd = tl.where(qd[None, :] >= 0.0, kmax, kmin)
+            s = tl.where(ok, tl.sum(qd[None, :] * kd, axis=1), float("-inf"))
+            score2 = tl.where((chunk_ids == c)[:, None], s[None, :], score2)
+        score = tl.reshape(score2, (BLOCK_KV,))
         score = tl.where(cand, score, float("-inf"))
         selected = offs < 0
         # k argmax passes; every pass finds a finite candidate score because n_hi <= n_cand.
@@ -120,13 +127,6 @@ def _select_kernel(
     tl.store(lo_ptr + pos, offs, mask=lo)
     tl.store(lo_ptr + offs, tl.full((BLOCK_KV,), -1, tl.int32), mask=in_row & (offs >= n_lo))
     tl.store(LO_CNT + pid_bh.to(tl.int64) * NQB + i, n_lo)
-
-
-def _num_warps(block_kv: int) -> int:
-    for limit, warps in _WARPS_BY_BLOCK_KV:
-        if block_kv <= limit:
-            return warps
-    return _MAX_WARPS
 
 
 def _check_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, block_size: int, *,
@@ -176,13 +176,14 @@ def select_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_causal: b
         return out
     top_k = resolve_top_k(nkb, is_causal, config.top_k, config.fraction)
     block_kv = triton.next_power_of_2(nkb)
-    d_chunk = max(1, min(D, _MAX_D_CHUNK, _SCORE_CHUNK_ELEMS // block_kv))
+    chunk_elems = _SCORE_CHUNK_ELEMS // (2 if config.selection == "quest" else 1)
+    kv_chunk = max(1, min(block_kv, chunk_elems // D))
     _select_kernel[(nqb, B * Hq)](
         q_mean.contiguous(), k_mean.contiguous(), k_min.contiguous(), k_max.contiguous(), *out,
         Hq, nqb, nkb, top_k,
         SELECTION=SELECTION_CODES[config.selection], IS_CAUSAL=bool(is_causal),
-        GQA_GROUP=Hq // k_mean.shape[1], D=D, D_CHUNK=d_chunk, BLOCK_KV=block_kv,
-        num_warps=_num_warps(block_kv))
+        GQA_GROUP=Hq // k_mean.shape[1], D=D, KV_CHUNK=kv_chunk, BLOCK_KV=block_kv,
+        num_warps=_NUM_WARPS)
     return out
 
 
