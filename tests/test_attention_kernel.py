@@ -166,3 +166,15 @@ def test_can_implement_and_validation():
         q3 = torch.randn(1, 3, 64, 64, device=DEV).half()
         k2 = torch.randn(1, 2, 64, 64, device=DEV).half()
         attention_forward(q3, k2, k2, *args[3:], scale=0.1, is_causal=False, cfg=cfg)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_large_logits_rescale(fmt):
+    """Scores spanning hundreds of nats across blocks: the running-max rescale and the per-block P
+    scaling must stay finite and match the oracle (kv block 2 dominates, block 0 is ~e^-300 smaller)."""
+    q, k, v = _qkv(1, 1, 192, 192, 64, torch.float32)
+    k[:, :, 128:] *= 4.0
+    q = q * 6.0
+    out, oracle, exact = _run(q, k, v, ThriftConfig(format=fmt, fraction=0.3), False)
+    assert torch.isfinite(out).all()
+    assert_kernel_matches_oracle(out, oracle, exact)

@@ -22,10 +22,8 @@ from thrift_inductor.ops import call_op
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU interpreter pipeline (GPU runs tests/gpu/test_lowering_cuda.py)")
 
-try:   # kernel vs oracle tolerance lives with the other tolerances once tests/tolerances.py lands
-    from tolerances import KERNEL_VS_ORACLE_ATOL_FP32 as ATOL
-except ImportError:
-    ATOL = 1e-5        # fp32 inputs: kernel and oracle differ only by fp32 summation order
+from thrift_inductor import reference as ref
+from tolerances import assert_kernel_matches_oracle
 
 BLOCK = 64
 OPTIONS = {"thrift.fraction": 0.5, "thrift.block_size": BLOCK}
@@ -61,6 +59,12 @@ def oracle(q, k, v, fmt="nvfp4"):
                    config=ThriftConfig(format=fmt, fraction=OPTIONS["thrift.fraction"], block_size=BLOCK))
 
 
+def check(out, q, k, v, fmt="nvfp4", epilogue=lambda x: x):
+    """Kernel vs oracle with the shared budget (tests/tolerances.py)."""
+    exact = epilogue(ref.exact_attention(q, k, v, is_causal=True))
+    assert_kernel_matches_oracle(out, epilogue(oracle(q, k, v, fmt)), exact)
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
 def test_sdpa_becomes_thrift_template(interpreter, fmt):
     q, k, v = qkv(128)
@@ -70,7 +74,7 @@ def test_sdpa_becomes_thrift_template(interpreter, fmt):
     assert "thrift_attention_tile" in code
     assert "torch.ops.thrift.prepass.default(" in code and "torch.ops.thrift.select.default(" in code
     assert "torch.ops.thrift.attention.default(" not in code, "eager fallback was emitted instead"
-    torch.testing.assert_close(out, oracle(q, k, v, fmt), atol=ATOL, rtol=0)
+    check(out, q, k, v, fmt)
 
 
 def test_dynamic_lengths_one_graph(interpreter):
@@ -80,7 +84,7 @@ def test_dynamic_lengths_one_graph(interpreter):
         for t in (q, k, v):
             torch._dynamo.mark_dynamic(t, 2)
         out = fn(q, k, v)
-        torch.testing.assert_close(out, oracle(q, k, v), atol=ATOL, rtol=0)
+        check(out, q, k, v)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert counters["thrift"]["template_choices"] == 1
 
@@ -91,7 +95,7 @@ def test_epilogue_fuses_into_template(interpreter):
     q, k, v = qkv(64)
     out, (code, *_) = run_and_get_code(torch.compile(fn, backend="thrift", options=OPTIONS), q, k, v)
     assert "triton_tem_fused" in code and "triton_poi" not in code, "epilogue was not fused into the store"
-    torch.testing.assert_close(out, oracle(q, k, v) * 2 + 1, atol=2 * ATOL, rtol=0)
+    check(out, q, k, v, epilogue=lambda x: x * 2 + 1)
 
 
 def test_stock_cpu_backend_lowers_to_eager_op(monkeypatch, interpreter):
@@ -141,7 +145,7 @@ def test_store_hit_skips_benchmarking(interpreter, tmp_path):
     assert counters["thrift"]["autotune_store_hit"] == 1
     assert counters["inductor"]["select_algorithm_autotune"] == 0, "a store hit must not benchmark"
     assert f"'BLOCK_M': {winner.block_m}," in code
-    torch.testing.assert_close(out, oracle(q, k, v), atol=ATOL, rtol=0)
+    check(out, q, k, v)
 
 
 def test_synthetic_selection_is_valid():

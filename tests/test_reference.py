@@ -499,7 +499,7 @@ def test_thrift_beats_low_precision_on_real_layer15(real_qkv, fmt):
     exact = exact_attention(q, k, v, is_causal=True, scale=scale)
     err_thrift = rel_l2(thrift_attention_reference(q, k, v, is_causal=True, scale=scale, config=cfg), exact)
     err_low = rel_l2(thrift_attention_reference(q, k, v, is_causal=True, scale=scale, config=cfg.replace(fraction=0.0)), exact)
-    assert err_thrift < err_low
+    assert err_thrift < 0.8 * err_low       # measured: about half (nvfp4 0.11 vs 0.23)
 
 
 def test_microblock_p_no_worse_than_block_nvfp4():
@@ -555,3 +555,32 @@ def test_assert_kernel_matches_oracle_helper():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(AssertionError, match="non-finite"):
         assert_kernel_matches_oracle(bad, oracle, exact)
+
+
+# ------------------------------------------------------------------------------------ CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cuda_oracle_matches_cpu(fmt):
+    """Quantisers and selection are bit-exact across devices; attention agrees to fp32 reorder noise."""
+    q, k, v = (torch.randn(1, h, 200, 64).bfloat16() for h in (4, 2, 2))
+    x = torch.randn(4096) * 2.0 ** torch.randint(-20, 20, (4096,)).float()
+    for fn in (e2m1_rn, e4m3_rn, e8m0_up):
+        assert_bit_exact(fn(x.cuda()).cpu(), fn(x), fn.__name__)
+    assert_bit_exact(fake_quantize(x.cuda().view(64, 64), fmt).cpu(), fake_quantize(x.view(64, 64), fmt), fmt)
+    cfg = ThriftConfig(format=fmt, fraction=0.2, selection="quest")
+    hi = select_blocks(q, k, is_causal=True, config=cfg)
+    assert_bit_exact(select_blocks(q.cuda(), k.cuda(), is_causal=True, config=cfg).cpu(), hi, "hi_idx")
+    got = thrift_attention_reference(q.cuda(), k.cuda(), v.cuda(), is_causal=True, config=cfg, out_dtype=torch.float32)
+    want = thrift_attention_reference(q, k, v, is_causal=True, config=cfg, out_dtype=torch.float32)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_oracle_runs_at_32k():
+    """The oracle chunks its score tiles, so one head at N = 32k fits in a few GiB."""
+    n = 32 * 1024
+    q, k, v = (torch.randn(1, 1, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    torch.cuda.reset_peak_memory_stats()
+    out = thrift_attention_reference(q, k, v, is_causal=True, config=ThriftConfig())
+    assert torch.isfinite(out).all()
+    assert torch.cuda.max_memory_allocated() < 8 * 2 ** 30

@@ -33,10 +33,10 @@ SDPA_BF16_ATOL, SDPA_BF16_RTOL = 2e-2, 2e-2
 SDPA_FP16_ATOL, SDPA_FP16_RTOL = 3e-3, 3e-3
 
 # --- quantisation sanity floors (SQNR of fake-quantised Gaussian data, dB) ----------------------
-# Theory for N(0,1) data: e4m3 with per-token scales ~31 dB, NVFP4 (E2M1, 16-blocks, E4M3 scales)
-# ~20 dB, MXFP4 (power-of-two scales, 32-blocks) ~17 dB. The floors sit ~2 dB below, so a broken
-# scale or grid (which costs >= 6 dB) fails.
-SQNR_FLOOR_DB = {"fp8": 29.0, "nvfp4": 18.0, "mxfp4": 15.0}
+# Measured on N(0,1) [64, 256] tensors (5 seeds, spread < 0.2 dB): e4m3 with per-token scales 31.6 dB,
+# NVFP4 (E2M1, 16-blocks, E4M3 scales) 20.4 dB, MXFP4 (power-of-two scales, 32-blocks) 18.7 dB.
+# The floors sit ~2 dB below, so a broken scale or grid (a factor 2 costs ~6 dB) fails.
+SQNR_FLOOR_DB = {"fp8": 29.5, "nvfp4": 18.5, "mxfp4": 16.5}
 
 
 def dtype_floor(dtype: torch.dtype) -> float:

@@ -40,8 +40,9 @@ def qkv(n, hq=8, hkv=2, d=128, dtype=torch.bfloat16):
 
 
 @pytest.fixture
-def fresh():
+def fresh(monkeypatch, tmp_path):
     from thrift_inductor import backend
+    monkeypatch.setenv("THRIFT_AUTOTUNE_STORE", str(tmp_path / "store.json"))   # no stale decisions
     backend.register()
     torch._dynamo.reset()
     counters.clear()
