@@ -179,5 +179,6 @@ def test_pass_uuid_sees_template_edits(tmp_path, monkeypatch):
     template_copy = tmp_path / "templates" / lowering.TEMPLATE_PATH.name
     template_copy.write_text(template_copy.read_text() + "\n")
     # torch memoises get_hash_for_files per path tuple; a new process (the real case) re-reads the files.
-    attention_pass.get_hash_for_files.cache_clear()
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+    get_hash_for_files.cache_clear()
     assert attention_pass.ThriftAttentionPass().uuid() != before
