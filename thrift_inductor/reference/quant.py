@@ -1,0 +1,189 @@
+"""Oracle part 1: element rounding and operand quantisers (docs/numerics.md §1-§2).
+
+Bit-exact contracts: every kernel's rounding and quantiser must reproduce these values exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import FORMATS
+from ..constants import (
+    E2M1_MAX,
+    E4M3_MANTISSA_BITS,
+    E4M3_MAX,
+    E4M3_MIN_NORMAL_EXP,
+    E8M0_MAX_EXP,
+    E8M0_MIN_EXP,
+    MXFP4_BLOCK,
+    NVFP4_BLOCK,
+)
+
+FORMAT_BLOCK = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK}   # microscaling block per FP4 format
+_FP32_EXP_BIAS = 127
+_FP32_MANTISSA_BITS = 23
+
+# ----------------------------------------------------------------------------------------------
+# 1. Element rounding (numerics §1)
+# ----------------------------------------------------------------------------------------------
+def _pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """2**exponent as fp32, built from the bit pattern so it is exact on every backend (normals only)."""
+    bits = (exponent.to(torch.int32) + _FP32_EXP_BIAS) << _FP32_MANTISSA_BITS
+    return bits.view(torch.float32)
+
+
+def _floor_log2(a: torch.Tensor) -> torch.Tensor:
+    """floor(log2(a)) for finite a > 0 via frexp (exact, unlike log2); a == 0 gives -1."""
+    _, e = torch.frexp(a)          # a = m * 2**e with m in [0.5, 1)
+    return e.to(torch.int32) - 1
+
+
+def e2m1_rn(x: torch.Tensor) -> torch.Tensor:
+    """Round to the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} (signed), nearest, ties to the even code,
+    saturating at +-6. fp32 in and out.
+
+    ``step * rint(|x| / step)`` with a power-of-two step (0.5 below 2, 1 below 4, 2 above) is exact and
+    its half-to-even rounding lands on the even *code*: codes are consecutive integers times the step.
+    """
+    x = x.float()
+    a = x.abs()
+    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    r = (torch.round(a / step) * step).clamp(max=E2M1_MAX)
+    return torch.copysign(r, x)
+
+
+def e4m3_rn(x: torch.Tensor) -> torch.Tensor:
+    """Round to float8_e4m3fn values, nearest-even, saturating at +-448 (never NaN for finite x).
+    fp32 in and out; subnormals (spacing 2**-9 below 2**-6) included."""
+    x = x.float()
+    a = x.abs().clamp(max=E4M3_MAX)
+    exp = _floor_log2(a).clamp(min=E4M3_MIN_NORMAL_EXP)
+    step_exp = exp - E4M3_MANTISSA_BITS       # spacing of the binade a falls in
+    r = torch.round(a * _pow2(-step_exp)) * _pow2(step_exp)
+    # Rounding a in [448, 464) would give 448 anyway; the clamp above already handled larger a.
+    return torch.copysign(r, x)
+
+
+def e8m0_up(x: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= x, clamped to [2**-126, 2**127] (fp32 normals). x <= 0 gives 2**-126."""
+    x = x.float()
+    mant, e = torch.frexp(x)                  # x = mant * 2**e, mant in [0.5, 1)
+    e = e.to(torch.int32)
+    exp = torch.where(mant == 0.5, e - 1, e)  # exact power of two stays, anything above rounds up
+    exp = torch.where(x > 0, exp, E8M0_MIN_EXP)
+    exp = torch.where(torch.isinf(x), E8M0_MAX_EXP, exp)
+    return _pow2(exp.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Operand quantisers (numerics §2)
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+    """A quantised tensor. ``codes``: fp32 grid values, same shape as the input. ``scales``: fp32, the
+    input shape with ``dim`` replaced by the number of blocks (``block=None``: one scale per slice,
+    size 1 along ``dim``). ``dim`` is non-negative. ``dequantize(qt) = codes * scales`` (broadcast)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    fmt: str
+    dim: int
+    block: Optional[int]
+
+
+def _to_blocks(x: torch.Tensor, dim: int, block: Optional[int]):
+    """Move ``dim`` last and view it as [nblocks, block]; a ragged tail is zero-padded (zeros never
+    change a block's amax, so padding is the same as quantising the short block alone)."""
+    xt = x.float().movedim(dim, -1)
+    length = xt.shape[-1]
+    blk = max(length, 1) if block is None else block
+    nb = max(-(-length // blk), 1)
+    xp = F.pad(xt, (0, nb * blk - length))
+    return xp.reshape(*xt.shape[:-1], nb, blk), length
+
+
+def _from_blocks(xb: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    return xb.flatten(-2)[..., :length].movedim(-1, dim)
+
+
+def _norm_dim(x: torch.Tensor, dim: int) -> int:
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim {dim} out of range for a {x.dim()}-d tensor")
+    return dim % x.dim()
+
+
+def _quantize_fp4(x: torch.Tensor, dim: int, fmt: str) -> QTensor:
+    dim = _norm_dim(x, dim)
+    block = FORMAT_BLOCK[fmt]
+    xb, length = _to_blocks(x, dim, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    if fmt == "nvfp4":
+        sf = e4m3_rn(amax / E2M1_MAX)
+    else:
+        sf = e8m0_up(amax / E2M1_MAX)
+    # The IEEE reciprocal of the rounded scale, as the CUDA quantiser does; sf == 0 (a block below
+    # ~6 * 2**-10 under nvfp4) quantises to all zeros.
+    inv = torch.where(sf > 0, 1.0 / torch.where(sf > 0, sf, 1.0), 0.0)
+    codes = e2m1_rn(xb * inv)
+    return QTensor(_from_blocks(codes, length, dim), sf.squeeze(-1).movedim(-1, dim), fmt, dim, block)
+
+
+def quantize_nvfp4(x: torch.Tensor, dim: int = -1) -> QTensor:
+    """NVFP4: blocks of 16 along ``dim``, ``sf = e4m3_rn(amax / 6)``, codes ``e2m1_rn(x * (1/sf))``."""
+    return _quantize_fp4(x, dim, "nvfp4")
+
+
+def quantize_mxfp4(x: torch.Tensor, dim: int = -1) -> QTensor:
+    """MXFP4: blocks of 32 along ``dim``, ``sf = e8m0_up(amax / 6)`` (rounded up: nothing clips)."""
+    return _quantize_fp4(x, dim, "mxfp4")
+
+
+def quantize_fp8(x: torch.Tensor, dim: int = -1, block: Optional[int] = None) -> QTensor:
+    """FP8 e4m3: ``sf = amax / 448`` in fp32 (amax == 0 -> 1), codes ``e4m3_rn(x * (1/sf))``.
+    ``block=None``: one scale per slice along ``dim`` (Q/K per token); else per ``block`` elements."""
+    dim = _norm_dim(x, dim)
+    if block is not None and block <= 0:
+        raise ValueError(f"fp8 block must be positive or None, got {block}")
+    xb, length = _to_blocks(x, dim, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    sf = torch.where(amax > 0, amax / E4M3_MAX, 1.0)
+    codes = e4m3_rn(xb * (1.0 / sf))
+    return QTensor(_from_blocks(codes, length, dim), sf.squeeze(-1).movedim(-1, dim), "fp8", dim, block)
+
+
+def quantize(x: torch.Tensor, fmt: str, dim: int = -1, block: Optional[int] = None) -> QTensor:
+    """Dispatch on ``fmt``; ``block`` only applies to fp8 (FP4 formats have fixed blocks)."""
+    if fmt == "nvfp4" or fmt == "mxfp4":
+        if block is not None and block != FORMAT_BLOCK[fmt]:
+            raise ValueError(f"{fmt} uses blocks of {FORMAT_BLOCK[fmt]}, got block={block}")
+        return _quantize_fp4(x, dim, fmt)
+    if fmt == "fp8":
+        return quantize_fp8(x, dim, block)
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+
+
+def dequantize(qt: QTensor) -> torch.Tensor:
+    """fp32 values ``codes * scale`` in the shape of the original tensor."""
+    length = qt.codes.shape[qt.dim]
+    if qt.block is None:
+        return qt.codes * qt.scales
+    scales = qt.scales.repeat_interleave(qt.block, dim=qt.dim).narrow(qt.dim, 0, length)
+    return qt.codes * scales
+
+
+def fake_quantize(x: torch.Tensor, fmt: str, dim: int = -1, block: Optional[int] = None) -> torch.Tensor:
+    return dequantize(quantize(x, fmt, dim, block))
+
+
+def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int):
+    """fp32 dequantised low-precision operands ``(q_lo, k_lo, v_lo)``.
+
+    Q and K along the head dim (fp8: one scale per token). V along the *tokens* (it is the reduction
+    dim of P.V): FP4 formats in 16/32-token microblocks, fp8 one scale per (block_size tokens,
+    channel). A ragged last V block is zero-padded and cropped back (see ``_to_blocks``)."""
+    v_block = block_size if fmt == "fp8" else None
+    return (fake_quantize(q, fmt, dim=-1), fake_quantize(k, fmt, dim=-1),
+            fake_quantize(v, fmt, dim=-2, block=v_block))

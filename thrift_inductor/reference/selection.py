@@ -1,0 +1,191 @@
+"""Oracle part 2: block statistics, top-k budget and block selection (docs/numerics.md §3).
+
+Bit-exact contracts: the prepass statistics and the selection kernel must reproduce ``hi_idx`` and the
+block lists exactly (scores are fp64 sums of bf16 products, so summation order cannot matter).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ThriftConfig
+
+# ----------------------------------------------------------------------------------------------
+# 3. Selection (numerics §3)
+# ----------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_stats(x: torch.Tensor, block_size: int):
+    """Per-block ``(mean, min, max)`` over the *real* tokens of each block, ``[B, H, NB, D]`` bf16.
+
+    mean: fp64 sum / token count, rounded fp64 -> fp32 -> bf16 (bf16 for every input dtype keeps the
+    fp64 score sums exact). min/max: channel-wise over real tokens, rounded to bf16."""
+    if x.dim() != 4:
+        raise ValueError(f"block_stats expects [B, H, L, D], got shape {tuple(x.shape)}")
+    b, h, length, d = x.shape
+    nb = _cdiv(length, block_size)
+    pad = nb * block_size - length
+    xf = x.double()
+    blocks = F.pad(xf, (0, 0, 0, pad)).view(b, h, nb, block_size, d)
+    counts = (length - torch.arange(nb, device=x.device, dtype=torch.float64) * block_size)
+    counts = counts.clamp(max=block_size).view(1, 1, nb, 1)
+    mean = (blocks.sum(3) / counts).float().bfloat16()
+    kmin = F.pad(xf, (0, 0, 0, pad), value=math.inf).view(b, h, nb, block_size, d).amin(3)
+    kmax = F.pad(xf, (0, 0, 0, pad), value=-math.inf).view(b, h, nb, block_size, d).amax(3)
+    return mean, kmin.float().bfloat16(), kmax.float().bfloat16()
+
+
+def resolve_top_k(num_blocks: int, causal: bool, top_k: Optional[int] = None,
+                  fraction: float = 0.05) -> int:
+    """High-precision blocks per query block (reference spec §3.1, Python banker's rounding).
+
+    Causal: ``fraction`` is the share of the N(N+1)/2 causal block pairs; per-row top-k selects
+    k(2N+1-k)/2 pairs, so k is the smaller root of k^2 - (2N+1)k + f N(N+1) = 0."""
+    n = int(num_blocks)
+    if n < 0:
+        raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+    if top_k is not None:
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        return min(int(top_k), n)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    if fraction <= 0.0 or n == 0:
+        return 0
+    if fraction >= 1.0:
+        return n
+    if not causal:
+        k = round(fraction * n)
+    else:
+        disc = (2 * n + 1) ** 2 - 4 * fraction * n * (n + 1)
+        if disc < 0:
+            return n
+        k = round(((2 * n + 1) - math.sqrt(disc)) / 2)
+    return max(1, min(int(k), n))
+
+
+def candidate_counts(nqb: int, nkb: int, is_causal: bool, device=None) -> torch.Tensor:
+    """Candidate kv blocks per query block, ``[NQB]`` int64: ``min(i, NKB-1) + 1`` causal
+    (top-left alignment), NKB otherwise. Candidates are always the prefix ``0 .. count-1``."""
+    i = torch.arange(nqb, device=device)
+    if is_causal:
+        return torch.clamp(i, max=nkb - 1) + 1 if nkb > 0 else torch.zeros_like(i)
+    return torch.full_like(i, nkb)
+
+
+def _local_window(nqb: int, nkb: int, k: int, is_causal: bool, device) -> torch.Tensor:
+    """Spec §3.5: causal = the diagonal block and the k-1 before it; non-causal = a centred window.
+    Entries ascend (the window has no score order)."""
+    i = torch.arange(nqb, device=device)
+    end = torch.clamp(i, max=max(nkb - 1, 0))
+    if is_causal:
+        start = torch.clamp(end - k + 1, min=0)
+    else:
+        start = torch.clamp(end - k // 2, min=0, max=max(nkb - k, 0))
+    return start[:, None] + torch.arange(max(k, 1), device=device)[None, :]
+
+
+def select_from_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_causal: bool,
+                      config: ThriftConfig) -> torch.Tensor:
+    """``hi_idx`` int32 ``[B, Hq, NQB, max(k, 1)]``: per query head and query block, the selected kv
+    blocks, descending score, ties -> lower block index, -1 padded (local: ascending window).
+
+    q_mean ``[B, Hq, NQB, D]``; k_mean/k_min/k_max ``[B, Hkv, NKB, D]`` (bf16, from ``block_stats``;
+    unused ones may be None). Scores are fp64 sums of bf16 products (exact)."""
+    bs = config.block_size
+    nqb, nkb = _cdiv(Lq, bs), _cdiv(Lk, bs)
+    batch, hq = q_mean.shape[0], q_mean.shape[1]
+    device = q_mean.device
+    k = resolve_top_k(nkb, is_causal, config.top_k, config.fraction)
+    width = max(k, 1)
+    keep = torch.clamp(candidate_counts(nqb, nkb, is_causal, device), max=k)        # [NQB]
+    valid = torch.arange(width, device=device)[None, :] < keep[:, None]             # [NQB, width]
+    if k == 0:
+        return torch.full((batch, hq, nqb, 1), -1, dtype=torch.int32, device=device)
+
+    if config.selection == "local":
+        idx = _local_window(nqb, nkb, k, is_causal, device).expand(batch, hq, nqb, width)
+    else:
+        ref = k_mean if config.selection == "block_mean" else k_max
+        hkv = ref.shape[1]
+        if hq % hkv:
+            raise ValueError(f"query heads {hq} not a multiple of kv heads {hkv}")
+        group = hq // hkv
+        qm = q_mean.double()
+        if config.selection == "block_mean":
+            scores = qm @ k_mean.double().repeat_interleave(group, 1).transpose(-1, -2)
+        else:   # quest: q_d * (kmax_d if q_d >= 0 else kmin_d); q_d == 0 contributes 0 either way
+            kmax = k_max.double().repeat_interleave(group, 1).transpose(-1, -2)
+            kmin = k_min.double().repeat_interleave(group, 1).transpose(-1, -2)
+            scores = qm.clamp(min=0) @ kmax + qm.clamp(max=0) @ kmin
+        # Stable sort on -score (ties -> lower index), then a stable partition putting candidates first.
+        order = torch.sort(-scores, dim=-1, stable=True).indices
+        is_cand = torch.arange(nkb, device=device)[None, :] < candidate_counts(nqb, nkb, is_causal, device)[:, None]
+        not_cand = (~is_cand).to(torch.uint8).expand_as(order).gather(-1, order)
+        order = order.gather(-1, torch.sort(not_cand, dim=-1, stable=True).indices)
+        idx = order[..., :width]
+    return torch.where(valid, idx, -1).to(torch.int32).contiguous()
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, config: ThriftConfig) -> torch.Tensor:
+    """``block_stats`` of q and k, then ``select_from_stats``."""
+    bs = config.block_size
+    q_mean = block_stats(q, bs)[0]
+    k_mean, k_min, k_max = block_stats(k, bs)
+    return select_from_stats(q_mean, k_mean, k_min, k_max, q.shape[2], k.shape[2],
+                             is_causal=is_causal, config=config)
+
+
+def _clean_hi(hi_idx: torch.Tensor, Lq: int, Lk: int, block_size: int, is_causal: bool):
+    """Drop entries that are -1, out of range, non-candidates or repeats (first occurrence wins);
+    returns (hi_idx compacted in order and -1 padded, same width; valid mask)."""
+    nqb, nkb = _cdiv(Lq, block_size), _cdiv(Lk, block_size)
+    if hi_idx.dim() != 4 or hi_idx.shape[2] != nqb:
+        raise ValueError(f"hi_idx must be [B, Hq, NQB={nqb}, width], got shape {tuple(hi_idx.shape)}")
+    idx = hi_idx.long()
+    limit = candidate_counts(nqb, nkb, is_causal, idx.device)[:, None]
+    ok = (idx >= 0) & (idx < limit)
+    # Repeats: after a stable sort equal entries sit together in original order; mark all but the first.
+    srt, perm = torch.sort(torch.where(ok, idx, -1), dim=-1, stable=True)
+    rep_sorted = torch.zeros_like(ok)
+    rep_sorted[..., 1:] = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+    rep = torch.zeros_like(ok).scatter(-1, perm, rep_sorted)
+    ok = ok & ~rep
+    compact = torch.sort((~ok).to(torch.uint8), dim=-1, stable=True).indices
+    idx, ok = idx.gather(-1, compact), ok.gather(-1, compact)
+    return torch.where(ok, idx, -1), ok
+
+
+def hi_block_mask(hi_idx: torch.Tensor, Lq: int, Lk: int, block_size: int, is_causal: bool) -> torch.Tensor:
+    """bool ``[B, Hq, NQB, NKB]``: True where (query block, kv block) runs on the high path."""
+    nkb = _cdiv(Lk, block_size)
+    idx, ok = _clean_hi(hi_idx, Lq, Lk, block_size, is_causal)
+    mask = torch.zeros(*idx.shape[:3], nkb + 1, dtype=torch.bool, device=idx.device)
+    return mask.scatter(-1, torch.where(ok, idx, nkb), True)[..., :nkb]
+
+
+def block_lists(hi_idx: torch.Tensor, Lq: int, Lk: int, block_size: int, is_causal: bool):
+    """docs/kernels.md §2 layout: ``(hi_idx, hi_cnt, lo_idx, lo_cnt)``, int32; hi_idx and lo_idx are
+    ``[B, Hq, NQB, NKB]`` -1 padded; hi keeps the given order (invalid entries and repeats dropped),
+    lo holds the other candidate blocks ascending."""
+    nqb, nkb = _cdiv(Lq, block_size), _cdiv(Lk, block_size)
+    idx, ok = _clean_hi(hi_idx, Lq, Lk, block_size, is_causal)
+    width = idx.shape[-1]
+    if width < nkb:
+        idx = F.pad(idx, (0, nkb - width), value=-1)
+    else:   # at most NKB distinct valid entries exist, so cropping loses nothing
+        idx = idx[..., :nkb]
+    hi_cnt = ok.sum(-1)
+    mask = hi_block_mask(hi_idx, Lq, Lk, block_size, is_causal)
+    cand = torch.arange(nkb, device=idx.device)[None, :] < candidate_counts(nqb, nkb, is_causal, idx.device)[:, None]
+    lo = cand & ~mask
+    ar = torch.arange(nkb, device=idx.device).expand_as(lo)
+    lo_idx = torch.sort(torch.where(lo, ar, nkb), dim=-1).values
+    lo_idx = torch.where(lo_idx < nkb, lo_idx, -1)
+    i32 = torch.int32
+    return idx.to(i32).contiguous(), hi_cnt.to(i32), lo_idx.to(i32).contiguous(), lo.sum(-1).to(i32)
