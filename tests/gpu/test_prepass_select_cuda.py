@@ -118,6 +118,7 @@ def test_thrift_attention_triton_cuda(fmt):
     cfg = ThriftConfig(format=fmt, fraction=0.1)
     assert supports(q, k, v, cfg)
     out = thrift_attention_triton(q, k, v, scale=None, is_causal=True, config=cfg)
+    q, k, v = _cpu((q, k, v))
     oracle = ref.thrift_attention_reference(q, k, v, is_causal=True, config=cfg)
     assert_kernel_matches_oracle(out, oracle, ref.exact_attention(q, k, v, is_causal=True))
 

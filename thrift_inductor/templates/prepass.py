@@ -215,8 +215,6 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_
     if fmt != "fp8" and (D % MXFP4_BLOCK != 0 or D & (D - 1)):
         raise ValueError(f"{fmt} needs a power-of-two head dim that holds whole {MXFP4_BLOCK}-element "
                          f"blocks (64, 128, 256), got {D}")
-    if fmt == "fp8" and D & (D - 1):
-        raise ValueError(f"the Triton prepass needs a power-of-two head dim, got {D}")
 
 
 def empty_outputs(q, k, fmt: str, block_size: int) -> Prepass:
@@ -227,6 +225,8 @@ def empty_outputs(q, k, fmt: str, block_size: int) -> Prepass:
 def prepass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int) -> Prepass:
     """Run the Triton prepass (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
     validate(q, k, v, fmt, block_size)
+    if q.shape[3] & (q.shape[3] - 1):      # tl.arange spans the head dim
+        raise ValueError(f"the Triton prepass needs a power-of-two head dim, got {q.shape[3]}")
     out = empty_outputs(q, k, fmt, block_size)
     B, Hq, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
