@@ -584,3 +584,19 @@ def test_cuda_oracle_runs_at_32k():
     out = thrift_attention_reference(q, k, v, is_causal=True, config=ThriftConfig())
     assert torch.isfinite(out).all()
     assert torch.cuda.max_memory_allocated() < 8 * 2 ** 30
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_query_chunking_is_invisible(monkeypatch, causal):
+    """Long sequences run in block-aligned query chunks (only on big inputs); force tiny chunks here."""
+    from thrift_inductor.reference import attention as attn_mod
+
+    q, k, v = torch.randn(1, 2, 100, 32), torch.randn(1, 1, 90, 32), torch.randn(1, 1, 90, 32)
+    cfg = ThriftConfig(block_size=SMALL_BS, fraction=0.3, format="nvfp4")
+    whole = thrift_attention_reference(q, k, v, is_causal=causal, config=cfg, out_dtype=torch.float32)
+    exact_whole = exact_attention(q, k, v, is_causal=causal)
+    monkeypatch.setattr(attn_mod, "MAX_TILE_ELEMENTS", 2 * SMALL_BS * 96)   # two query blocks per chunk
+    assert attn_mod._chunk_rows(96, SMALL_BS) == 2 * SMALL_BS
+    chunked = thrift_attention_reference(q, k, v, is_causal=causal, config=cfg, out_dtype=torch.float32)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(exact_attention(q, k, v, is_causal=causal), exact_whole, rtol=1e-12, atol=1e-14)
