@@ -137,11 +137,14 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             kvh = h // group
             for r0 in range(0, lq, chunk):
                 r1 = min(r0 + chunk, lq)
-                hi_rows = hi_mask[b, h, r0 // bs:_cdiv(r1, bs)].repeat_interleave(bs, 0)[:r1 - r0]
+                # causal: kv blocks past the chunk's last query block are fully masked; skip them
+                kb = min(nkb, _cdiv(r1, bs)) if is_causal else nkb
+                kn = min(lk, kb * bs)
+                hi_rows = hi_mask[b, h, r0 // bs:_cdiv(r1, bs), :kb].repeat_interleave(bs, 0)[:r1 - r0]
                 out[b, h, r0:r1] = _attend_chunk(
-                    q[b, h, r0:r1], k[b, kvh], v_pad[b, kvh], q_lo[b, h, r0:r1], k_lo[b, kvh],
-                    v_lo[b, kvh], hi_rows, r0, is_causal=is_causal, scale=scale, config=config,
-                    dtype=q.dtype, out_dtype=out_dtype)
+                    q[b, h, r0:r1], k[b, kvh, :kn], v_pad[b, kvh, :kb * bs], q_lo[b, h, r0:r1],
+                    k_lo[b, kvh, :kn], v_lo[b, kvh, :kb * bs], hi_rows, r0, is_causal=is_causal,
+                    scale=scale, config=config, dtype=q.dtype, out_dtype=out_dtype)
     return out
 
 
@@ -163,12 +166,13 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_cau
             kk, vv = k[b, h // group].double(), v[b, h // group].double()
             for r0 in range(0, lq, chunk):
                 r1 = min(r0 + chunk, lq)
-                s = (q[b, h, r0:r1].double() @ kk.T) * scale
+                kn = min(lk, r1) if is_causal else lk     # causal: later keys are masked for every row
+                s = (q[b, h, r0:r1].double() @ kk[:kn].T) * scale
                 if is_causal:
                     r = torch.arange(r0, r1, device=q.device)[:, None]
-                    s = s.masked_fill(torch.arange(lk, device=q.device)[None, :] > r, -math.inf)
+                    s = s.masked_fill(torch.arange(kn, device=q.device)[None, :] > r, -math.inf)
                 m = s.amax(-1, keepdim=True)
                 p = torch.exp(s - torch.where(m > -math.inf, m, 0.0))
                 ell = p.sum(-1, keepdim=True)
-                out[b, h, r0:r1] = torch.where(ell > 0, (p @ vv) / torch.where(ell > 0, ell, 1.0), 0.0)
+                out[b, h, r0:r1] = torch.where(ell > 0, (p @ vv[:kn]) / torch.where(ell > 0, ell, 1.0), 0.0)
     return out
