@@ -98,7 +98,11 @@ def compile_phases(length: int, work: Path) -> list[dict]:
     cold_dir, fresh_dir = work / f"cold_{length}", work / f"fresh_{length}"
     rows = []
     for phase, cache_dir in (("cold", cold_dir), ("warm_local", cold_dir), ("warm_store", fresh_dir)):
-        r = run_child(length, cache_dir, store)
+        try:
+            r = run_child(length, cache_dir, store)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:   # record and go on: other phases still tell
+            print(f"  L={length} {phase} FAILED: {str(exc)[-1500:]}", flush=True)
+            continue
         print(f"  L={length} {phase:<10} first call {r['seconds']:.1f}s (process {r['process_seconds']:.1f}s) "
               f"autotune={r['autotune']} fx_hit={r['fx_hit']} thrift={r['thrift']}", flush=True)
         rows.append({"phase": phase, "seq_len": length, **r})

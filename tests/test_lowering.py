@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -182,3 +184,13 @@ def test_pass_uuid_sees_template_edits(tmp_path, monkeypatch):
     from torch._inductor.custom_graph_pass import get_hash_for_files
     get_hash_for_files.cache_clear()
     assert attention_pass.ThriftAttentionPass().uuid() != before
+
+
+def test_loading_the_lowering_registers_every_op_generated_code_calls():
+    """An FX-graph cache hit runs generated code without lowering anything: the ops it calls by name
+    must be registered by merely importing the lowering (which the backend does). Fresh interpreter."""
+    code = ("import torch, thrift_inductor.lowering; "
+            "assert all(hasattr(torch.ops.thrift, n) for n in ('attention', 'prepass', 'select'))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

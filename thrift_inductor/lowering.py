@@ -37,7 +37,10 @@ from torch._inductor.select_algorithm import (
     extern_kernels)
 from torch._inductor.virtualized import V
 
-from . import autotune_store, heuristics, ops  # noqa: F401  (ops registers thrift::attention)
+# ops registers thrift::attention; kernel_ops registers thrift::prepass / thrift::select. Both must exist
+# whenever this module is loaded: generated code (also from an FX-graph cache hit, where no lowering
+# runs) calls them by name.
+from . import autotune_store, heuristics, kernel_ops, ops  # noqa: F401
 from .config import ThriftConfig
 
 log = logging.getLogger("thrift_inductor.lowering")
@@ -138,15 +141,6 @@ def _fixed_input(x):
     if isinstance(x.get_layout(), ir.FlexibleLayout):
         x.freeze_layout()
     return x
-
-
-def _selection_ops_available() -> bool:
-    if not (hasattr(torch.ops.thrift, "prepass") and hasattr(torch.ops.thrift, "select")):
-        try:   # kernel_ops registers thrift::prepass / thrift::select
-            from . import kernel_ops  # noqa: F401
-        except ImportError as exc:
-            log.debug("thrift: kernel_ops unavailable: %s", exc)
-    return hasattr(torch.ops.thrift, "prepass") and hasattr(torch.ops.thrift, "select")
 
 
 def _fallback_node(q, k, v, op_kwargs: dict, reason: str):
@@ -273,8 +267,6 @@ def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, s
     ok, why = attn_kernel.can_implement(cfg, head_dim, dtype, block_size)
     if not ok:
         return _fallback_node(q, k, v, op_kwargs, why)
-    if not _selection_ops_available():
-        return _fallback_node(q, k, v, op_kwargs, "thrift::prepass / thrift::select are not registered")
 
     arch = heuristics.arch_of(device)
     if override is not None and override.configs is not None:
