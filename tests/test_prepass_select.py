@@ -11,7 +11,7 @@ import torch
 
 from thrift_inductor import reference as ref
 from thrift_inductor.config import ThriftConfig
-from thrift_inductor.constants import MAX_KV_BLOCKS_SELECT
+from thrift_inductor.constants import E2M1_GRID, MAX_KV_BLOCKS_SELECT
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -72,7 +72,7 @@ def _rounding_inputs():
     grid8 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     grid8 = grid8[torch.isfinite(grid8)]
     mids = (grid8.sort().values[1:] + grid8.sort().values[:-1]) / 2         # e4m3 ties
-    e2m1 = torch.tensor(common_e2m1_grid())
+    e2m1 = torch.tensor(E2M1_GRID)
     e2m1_mids = torch.cat([(e2m1[1:] + e2m1[:-1]) / 2, e2m1])                # e2m1 ties and grid points
     powers = 2.0 ** torch.arange(-130, 128, dtype=torch.float32)
     bf16_ties = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 1.0 + 2 ** -8 + 2 ** -20, 3.0 + 2 ** -7])
@@ -80,11 +80,6 @@ def _rounding_inputs():
     rand = torch.randn(4096) * 2.0 ** torch.randint(-12, 12, (4096,)).float()
     x = torch.cat([grid8, mids, e2m1_mids, powers, powers * 1.5, bf16_ties, special, rand]).float()
     return torch.cat([x, -x])
-
-
-def common_e2m1_grid():
-    from thrift_inductor.constants import E2M1_GRID
-    return E2M1_GRID
 
 
 def test_rounding_helpers_match_oracle():
