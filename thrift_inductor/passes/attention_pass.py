@@ -18,7 +18,7 @@ import logging
 import os
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..config import ThriftConfig
 from .sdpa import rewrite_sdpa_ops
@@ -40,8 +40,14 @@ def _source_files() -> tuple[str, ...]:
 
 
 def source_hash() -> bytes:
-    """Hash of every thrift source file (re-read each call: edits during a session must show)."""
-    return get_hash_for_files(_source_files())
+    """Hash of every thrift source file, re-read on each call (torch's ``get_hash_for_files`` caches
+    per path tuple, so an edit made while the process runs would not show)."""
+    h = hashlib.sha256()
+    for path in _source_files():
+        h.update(os.path.relpath(path, _PACKAGE_DIR).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.digest()
 
 
 class _ThriftPassBase(CustomGraphPass):

@@ -165,18 +165,21 @@ def _make_check(divide: bool, masked: bool):
 def _patterns() -> PatternMatcherPass:
     patterns = PatternMatcherPass(pass_name="thrift_attention_patterns")
     # Shapes only shape the trace (batch 1 drops a clone); the pattern matches any sizes.
-    # Batch 1 drops the clone that matmul's reshape adds for batch > 1.
-    layouts = (((2, 4, 8, 16), False), ((1, 4, 8, 16), False))
+    # Batch 1 drops the clone that matmul's reshape adds for batch > 1; non-contiguous q/k/v (heads
+    # split off a [B, L, 3, H, D] projection) add clones on every operand. Mixed layouts are not traced
+    # (each trace costs ~0.2 s); fuse_attention still catches many of those and the post pass takes them.
+    layouts = (((2, 4, 8, 16), False), ((1, 4, 8, 16), False), ((2, 4, 8, 16), True))
     for dtype in (torch.float32, torch.float16):
-        for shape, strided_q in layouts:
+        for shape, strided in layouts:
             def t():
+                if strided:   # [B, L, H, D] memory viewed as [B, H, L, D]
+                    return torch.empty((shape[0], shape[2], shape[1], shape[3]), dtype=dtype).transpose(1, 2)
                 return torch.empty(shape, dtype=dtype)
-            q = torch.empty((shape[0], shape[2], shape[1], shape[3]), dtype=dtype).transpose(1, 2) if strided_q else t()
             mask = torch.empty((shape[0], 1, shape[2], shape[2]), dtype=dtype)
             for name, (fn, divide, masked) in _SEARCH.items():
-                if strided_q and not masked:
-                    continue   # only the HF-eager spelling needs it; each trace costs ~0.2 s
-                args = [q, t(), t(), _SCALE_EXAMPLE] + ([mask] if masked else [])
+                if strided and masked:
+                    continue
+                args = [t(), t(), t(), _SCALE_EXAMPLE] + ([mask] if masked else [])
                 workaround = {"inv_scale" if divide else "scale": _SCALE_EXAMPLE}
                 register_replacement(fn, _replacement, args, fwd_only, patterns,
                                      extra_check=_make_check(divide, masked), scalar_workaround=workaround,
