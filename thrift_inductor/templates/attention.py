@@ -71,8 +71,8 @@ import triton
 import triton.language as tl
 
 from ..config import ThriftConfig
-from ..constants import E2M1_MAX, LOG2E, P_FP4_MAX, P_FP8_MAX
-from .common import FORMAT_CODES, bf16_rn, e4m3_rn, low_dtype, rint
+from ..constants import LOG2E, P_FP4_MAX, P_FP8_MAX
+from .common import FORMAT_CODES, bf16_rn, e4m3_rn, low_dtype
 
 # log2 of the P grid maxima: e * MAX == exp2(s - B + log2(MAX)), so the scaling rides in the exp2's FMA.
 _LOG2_P_FP8_MAX = tl.constexpr(math.log2(P_FP8_MAX))
@@ -80,10 +80,12 @@ _LOG2_P_FP4_MAX = tl.constexpr(math.log2(P_FP4_MAX))
 _INV_P_FP8_MAX = tl.constexpr(1.0 / P_FP8_MAX)
 _INV_P_FP4_MAX = tl.constexpr(1.0 / P_FP4_MAX)
 _LOG2E = tl.constexpr(LOG2E)
-_E2M1_MAX = tl.constexpr(E2M1_MAX)
+_FP32_EXP_MASK = tl.constexpr(0x7F800000)
+_E2M1_P_MAGIC = tl.constexpr(1.5 * 2.0 ** 22)
 # Floor for a block row max: a row with no visible key in a masked tile gets exp2(-inf - NEG_BIG) = 0
 # instead of exp2(-inf + inf) = NaN. Real log2-domain scores never come near it.
 _NEG_BIG = tl.constexpr(-1.0e30)
+_RESCALE_SLACK = tl.constexpr(float(os.environ.get("THRIFT_ATTN_RESCALE_SLACK", "8")))
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 FP4_HEAD_DIMS = (64, 128, 256)          # docs/numerics.md §2: FP4 scale blocks must tile D
@@ -95,12 +97,17 @@ MIN_BLOCK_M = 16                        # tl.dot needs M >= 16
 # P rounding
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _e2m1_rn_nonneg(x):
-    """common.e2m1_rn for x >= 0 (P = 6e is never negative): the abs and copysign of the general helper
-    are ~4 ALU ops per score element, and the softmax loop is ALU-bound (~5-7% per op on H100)."""
-    step = tl.where(x < 2.0, 0.5, tl.where(x < 4.0, 1.0, 2.0))
-    inv_step = tl.where(x < 2.0, 2.0, tl.where(x < 4.0, 1.0, 0.5))
-    return tl.minimum(rint(x * inv_step) * step, _E2M1_MAX)
+def _e2m1_rn_p(x):
+    """common.e2m1_rn for the P tile: x = 6e in [0, 7) (exp2 overshoots 6 by at most a few ulp).
+
+    5 ALU ops instead of the general helper's ~13 (the softmax loop is ALU-bound, ~5-7% per op on H100):
+    adding magic = 1.5 * 2**22 * 2**E (E = exponent of max(x, 1)) makes the FPU round x to a multiple of
+    2**(E-1), i.e. to the E2M1 step (.5 below 2, 1 below 4, 2 below 8), ties to even = ties to the even
+    code; saturation is not needed below 7. Checked equal to reference.e2m1_rn for every fp32 in [0, 6.001].
+    """
+    pow2 = (tl.maximum(x, 1.0).to(tl.int32, bitcast=True) & _FP32_EXP_MASK).to(tl.float32, bitcast=True)
+    magic = pow2 * _E2M1_P_MAGIC
+    return (x + magic) - magic
 
 
 @triton.jit
@@ -154,9 +161,24 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, kv_blk, offs_m, offs_d, Lk,
     b = b_raw * q_rowc
     if MASKED:
         b = tl.maximum(b, _NEG_BIG)
-    m_new = tl.maximum(m_i, b)
-    alpha = tl.exp2(m_i - m_new)
-    beta = tl.exp2(b - m_new)
+    if _RESCALE_SLACK > 0:
+        # FA4-style lazy rescale: keep the reference max m_i unless a row's block max passes it by more
+        # than the slack; beta = exp2(b - m_i) <= 2**slack keeps acc and l far inside fp32 range, and the
+        # acc * alpha multiply (one op per output element) runs only on the rare tiles that move m_i.
+        if tl.max(b - m_i, 0) > _RESCALE_SLACK:
+            m_new = tl.maximum(m_i, b)
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        beta = tl.exp2(b - m_i)
+    else:
+        m_new = tl.maximum(m_i, b)
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+        beta = tl.exp2(b - m_i)
     if LOW:
         if FORMAT == 2:
             # e * 448 in one FMA + exp2; the P codes and the row sum share that unit, beta divides it out
@@ -178,7 +200,7 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, kv_blk, offs_m, offs_d, Lk,
             pe = tl.exp2(qk * q_rowc[:, None] - (b - _LOG2_P_FP4_MAX)[:, None])
             beta = beta * _INV_P_FP4_MAX
             l_ij = tl.sum(pe, 1)
-            p = _e2m1_rn_nonneg(pe).to(tl.bfloat16)
+            p = _e2m1_rn_p(pe).to(tl.bfloat16)
             if MASKED:
                 v = tl.load(v_ptrs_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                             mask=offs_n[:, None] < Lk, other=0.0)
@@ -193,9 +215,9 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, kv_blk, offs_m, offs_d, Lk,
         if P_EXACT_ROUND and v.dtype == tl.bfloat16:
             pe = bf16_rn(pe)     # the interpreter's fp32 -> bf16 cast truncates
         pv = _dot(pe.to(v.dtype), v, HIGH_IEEE, P_EXACT_ROUND)
-    acc = acc * alpha[:, None] + pv * beta[:, None]
-    l_i = l_i * alpha + l_ij * beta
-    return acc, l_i, m_new
+    acc = acc + pv * beta[:, None]
+    l_i = l_i + l_ij * beta
+    return acc, l_i, m_i
 
 
 @triton.jit
