@@ -230,7 +230,8 @@ def main(argv=None):
     t0 = time.time()
     for row in rows:
         bench_row(row, torch.bfloat16, FRACTIONS, formats, records, with_flex=not args.no_flex)
-    write_results(records, env, args.out, args, time.time() - t0)
+        # rewritten after every row, so a run cut off by a device time limit still leaves its rows
+        write_results(records, env, args.out, args, time.time() - t0)
 
 
 if __name__ == "__main__":
