@@ -109,10 +109,30 @@ def compile_phases(length: int, work: Path) -> list[dict]:
     return rows
 
 
+def device_ms(fn, iters: int = 20) -> tuple[float, float]:
+    """(all GPU kernels, attention kernel only) device milliseconds per call, from the profiler: the call's
+    wall time at short lengths is launch overhead, this is what the GPU actually spends."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total = attn = 0.0
+    for event in prof.key_averages():
+        us = event.self_device_time_total
+        total += us
+        if "attention" in event.key:     # triton_tem_fused_attention_* / _thrift_attention_fwd
+            attn += us
+    return total / iters / 1e3, attn / iters / 1e3
+
+
 def kernel_times(length: int) -> dict:
-    """Median ms of one compiled attention call: template only vs eager fallback only."""
+    """One compiled attention call, template only vs eager fallback only: median wall ms (do_bench) and
+    profiler device ms (all kernels / the attention kernel alone)."""
     import torch.nn.functional as F
-    from torch._inductor.utils import fresh_cache
+    from torch._inductor.utils import fresh_cache, run_and_get_code
 
     from thrift_inductor import backend, heuristics, lowering
     backend.register()
@@ -129,8 +149,11 @@ def kernel_times(length: int) -> dict:
         torch._dynamo.reset()
         with fresh_cache(), torch.no_grad(), lowering.kernel_choices(configs, fallback=fallback):
             fn = torch.compile(attn, backend="thrift", options={"thrift.fraction": FRACTION})
-            fn(q, k, v)
+            _, (code, *_) = run_and_get_code(fn, q, k, v)
             times[name] = bench_ms(lambda: fn(q, k, v))
+            times[f"{name}_device"], times[f"{name}_attn_kernel"] = device_ms(lambda: fn(q, k, v))
+            if name == "template":
+                times["unaligned_buffers"] = code.count("is assumed to be not aligned")
     times["sdpa"] = bench_ms(lambda: attn(q, k, v))
     torch._dynamo.reset()
     return times
@@ -147,9 +170,10 @@ def write_results(out_dir: Path, compile_rows: list[dict], kernel_rows: dict, en
                 w.writerow({"benchmark": "compile", "seq_len": r["seq_len"], "variant": r["phase"],
                             "metric": metric, "value": r[metric], **base})
         for length, times in kernel_rows.items():
-            for variant, ms in times.items():
+            for variant, value in times.items():
+                metric = "count" if variant == "unaligned_buffers" else "ms"
                 w.writerow({"benchmark": "attention_call", "seq_len": length, "variant": variant,
-                            "metric": "ms_median", "value": ms, **base})
+                            "metric": metric, "value": value, **base})
     lines = [f"# backend=thrift compile and kernel-choice benchmark",
              "", f"{env['gpu']}, torch {env['torch']}, Triton {env['triton']}, commit {env['commit']}. "
              f"Model: {LAYERS} layers, dim {DIM}, {HEADS} q heads / {KV_HEADS} kv heads of {HEAD_DIM}, batch "
@@ -162,10 +186,17 @@ def write_results(out_dir: Path, compile_rows: list[dict], kernel_rows: dict, en
                           if k.startswith("autotune_store"))
         lines.append(f"| {r['seq_len']} | {r['phase']} | {r['seconds']:.1f} | {r['process_seconds']:.1f} | "
                      f"{r['autotune']} | {r['fx_hit']} | {store} |")
-    lines += ["", "## One attention call (median ms, do_bench)", "",
-              "| seq len | template | eager fallback op | F.sdpa (bf16, for scale) |", "|---|---|---|---|"]
+    lines += ["", "## One attention call, template vs eager fallback (ms)", "",
+              "wall = do_bench median of the whole compiled call (prepass + selection + attention, incl. launch "
+              "overhead); device = profiler sum of GPU kernel time per call; attn = the attention kernel alone.", "",
+              "| seq len | template wall | fallback wall | template device | fallback device | template attn "
+              "| fallback attn | F.sdpa wall (bf16) |", "|---|---|---|---|---|---|---|---|"]
     for length, t in kernel_rows.items():
-        lines.append(f"| {length} | {t['template']:.3f} | {t['fallback']:.3f} | {t['sdpa']:.3f} |")
+        lines.append(f"| {length} | {t['template']:.3f} | {t['fallback']:.3f} | {t['template_device']:.3f} | "
+                     f"{t['fallback_device']:.3f} | {t['template_attn_kernel']:.3f} | "
+                     f"{t['fallback_attn_kernel']:.3f} | {t['sdpa']:.3f} |")
+    lines += ["", "Buffers the template code treats as unaligned (no 16-byte divisibility hints): " +
+              ", ".join(f"L={n}: {t['unaligned_buffers']}" for n, t in kernel_rows.items())]
     (out_dir / "compile.md").write_text("\n".join(lines) + "\n")
 
 
