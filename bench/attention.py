@@ -145,7 +145,8 @@ def _ratio(x):
 def write_results(records, env, out_dir, args, wall_s):
     os.makedirs(out_dir, exist_ok=True)
     gpu = env["gpu"].replace(" ", "_")
-    stem = os.path.join(out_dir, f"attention_{gpu}{'_quick' if args.quick else ''}")
+    suffix = "_merged" if getattr(args, "merged", False) else ("_quick" if args.quick else "")
+    stem = os.path.join(out_dir, f"attention_{gpu}{suffix}")
     keys = ["row", "n", "causal", "d", "hq", "hkv", "provider", "ms", "tflops", "rel_l2", "hi_share", "note"]
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -157,11 +158,15 @@ def write_results(records, env, out_dir, args, wall_s):
         by.setdefault(r["row"], {})[r["provider"]] = r
     providers = [p for p in dict.fromkeys(r["provider"] for r in records)
                  if not p.endswith("_prepass") and not p.endswith("_select")]
+    if getattr(args, "merged", False):
+        header = f"Merged from several runs: {env['gpu']}."
+    else:
+        header = (f"GPU {env['gpu']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, "
+                  f"commit {env['commit']}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+                  f"bench wall {wall_s:.0f} s.")
     lines = [f"# Attention forward: ThriftAttention vs SDPA / FlexAttention",
              "",
-             f"GPU {env['gpu']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, "
-             f"commit {env['commit']}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"bench wall {wall_s:.0f} s. dtype bf16, B=1, H=32 (GQA row: 8 kv heads), random normal inputs.",
+             header + " dtype bf16, B=1, H=32 (GQA row: 8 kv heads), random normal inputs.",
              "Cells: TFLOP/s (4·B·H·N²·D, halved when causal) / relative L2 error vs fp64 exact on query head 0. "
              "`_attn` = attention kernel alone on precomputed prepass + selection; `_total` = prepass + "
              "selection + attention.",
@@ -206,6 +211,26 @@ def write_results(records, env, out_dir, args, wall_s):
     print("wrote", stem + ".csv", stem + ".md")
 
 
+def _parse(rec):
+    out = dict(rec)
+    for key in ("n", "d", "hq", "hkv"):
+        out[key] = int(rec[key])
+    for key in ("ms", "tflops", "rel_l2", "hi_share"):
+        out[key] = float(rec[key]) if rec.get(key) not in (None, "") else float("nan")
+    out["causal"] = rec["causal"] == "True"
+    return out
+
+
+def merge(args):
+    records = []
+    for path in args.merge:
+        with open(path, newline="") as f:
+            records += [_parse(r) for r in csv.DictReader(f)]
+    records.sort(key=lambda r: (r["hkv"] != r["hq"], -r["d"], r["n"], not r["causal"]))
+    env = {"gpu": args.env or "see source CSVs", "torch": "", "triton": "", "cuda": "", "commit": ""}
+    write_results(records, env, args.out, argparse.Namespace(quick=False, merged=True), float("nan"))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="16k and 32k, d128 only, plus the GQA row")
@@ -215,7 +240,12 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-gqa", action="store_true")
     ap.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--merge", nargs="+", default=None, metavar="CSV",
+                    help="no GPU: rebuild one table from CSVs of earlier runs (same machine) into --out")
+    ap.add_argument("--env", type=str, default="", help="with --merge: header text (GPU, versions, commits)")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args)
     if not torch.cuda.is_available():
         raise SystemExit("bench/attention.py needs a CUDA GPU")
     ns = [int(x) for x in args.ns.split(",")] if args.ns else list(QUICK_NS if args.quick else FULL_NS)
