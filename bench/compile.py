@@ -123,7 +123,8 @@ def device_ms(fn, iters: int = 20) -> tuple[float, float]:
     for event in prof.key_averages():
         us = event.self_device_time_total
         total += us
-        if "attention" in event.key:     # triton_tem_fused_attention_* / _thrift_attention_fwd
+        # eager: _thrift_attention_fwd; compiled: triton_tem_fused_* (Inductor may drop the op name from it)
+        if "attention" in event.key or event.key.startswith("triton_tem"):
             attn += us
     return total / iters / 1e3, attn / iters / 1e3
 
