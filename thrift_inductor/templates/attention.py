@@ -85,7 +85,10 @@ _E2M1_P_MAGIC = tl.constexpr(1.5 * 2.0 ** 22)
 # Floor for a block row max: a row with no visible key in a masked tile gets exp2(-inf - NEG_BIG) = 0
 # instead of exp2(-inf + inf) = NaN. Real log2-domain scores never come near it.
 _NEG_BIG = tl.constexpr(-1.0e30)
-_RESCALE_SLACK = tl.constexpr(float(os.environ.get("THRIFT_ATTN_RESCALE_SLACK", "8")))
+# Lazy rescale slack in log2 units (FA4 uses 8): exp2(b - m_i) <= 256 keeps acc/l far inside fp32 range.
+# 0 switches to the classic rescale-every-tile. H100 A/B at 16k causal d128 (docs/perf_notes.md): within
+# noise (fp8 -3%, nvfp4 +2%); kept for the fewer multiplies on long rows with a stable max.
+_RESCALE_SLACK = tl.constexpr(8.0)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 FP4_HEAD_DIMS = (64, 128, 256)          # docs/numerics.md §2: FP4 scale blocks must tile D
