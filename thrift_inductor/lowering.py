@@ -229,6 +229,24 @@ def _ensure_feedback_saver() -> None:
         add_feedback_saver(_record_autotune_result)
 
 
+def _stored_winner(key, head_dim: int, dtype, block_size: int, format: str, arch: str):
+    """The stored decision for ``key``: an ``AttnKernelConfig``, ``"fallback"``, or None (miss: the
+    feedback saver will record what benchmarking picks)."""
+    entry = autotune_store.open_store().get(key)
+    if entry is not None and entry["choice"] == "fallback":
+        counters["thrift"]["autotune_store_hit"] += 1
+        return "fallback"
+    if entry is not None:
+        stored = heuristics.AttnKernelConfig.from_dict(entry["config"])
+        if heuristics.can_implement(stored, head_dim, dtype, block_size, format=format, arch=arch):
+            counters["thrift"]["autotune_store_hit"] += 1
+            return stored
+        log.warning("ignoring stored thrift config %s: it no longer fits", stored)
+    counters["thrift"]["autotune_store_miss"] += 1
+    _ensure_feedback_saver()
+    return None
+
+
 def _tag(choices: list, start: int, key, cfg) -> None:
     for c in choices[start:]:
         c.thrift_store_key = key
@@ -284,24 +302,15 @@ def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, s
 
     store_key = None
     use_store = override.store if override is not None else device.type == "cuda"
-    if use_store and len(configs) + with_fallback >= 2:
+    if use_store and len(configs) + with_fallback >= 2:    # a choice to make: ask the store first
         store_key = autotune_store.StoreKey.for_problem(
             device=device, dtype=dtype, head_dim=head_dim, causal=is_causal, format=format, p_quant=p_quant,
             block_size=block_size, seq_len_hint=_hint(Lk))
-        entry = autotune_store.open_store().get(store_key)
-        if entry is None:
-            counters["thrift"]["autotune_store_miss"] += 1
-            _ensure_feedback_saver()
-        elif entry["choice"] == "fallback":
-            counters["thrift"]["autotune_store_hit"] += 1
+        winner = _stored_winner(store_key, head_dim, dtype, block_size, format, arch)
+        if winner == "fallback":
             return _fallback_node(q, k, v, op_kwargs, "autotune store: the eager op won for this key")
-        else:
-            stored = heuristics.AttnKernelConfig.from_dict(entry["config"])
-            if heuristics.can_implement(stored, head_dim, dtype, block_size, format=format, arch=arch):
-                counters["thrift"]["autotune_store_hit"] += 1
-                configs, with_fallback, store_key = [stored], False, None
-            else:
-                log.warning("ignoring stored thrift config %s: it no longer fits", stored)
+        if winner is not None:
+            configs, with_fallback, store_key = [winner], False, None    # one choice: nothing to benchmark
 
     q, k, v = (_fixed_input(x) for x in (q, k, v))
     parts = _multi_output_op(torch.ops.thrift.prepass.default, q, k, v, format, block_size)
