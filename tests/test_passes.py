@@ -73,12 +73,17 @@ def test_rewritten_site_equals_eager_op_exactly():
     (functools.partial(models.hf_gpt2, "sdpa"), 2),
     (functools.partial(models.hf_bert, "sdpa"), 2),
     (functools.partial(models.hf_bert, "eager"), 2),   # fuse_attention fuses BERT's eager form
+    (functools.partial(models.hf_llama, "eager"), 2),  # additive causal mask proven causal, repeat_kv undone
+    (functools.partial(models.hf_gpt2, "eager"), 2),   # divides by a full([]) scalar, sliced causal mask
 ])
 def test_hf_models(builder, expected_rewritten):
     pytest.importorskip("transformers")
     m, inputs, _ = builder()
     _compile(m, inputs)
     assert counters["thrift"]["rewritten"] == expected_rewritten
+    assert all(s.is_causal == (builder.func is not models.hf_bert) for s in sites())
+    if builder.func is models.hf_llama:
+        assert all(s.kv_shape[1] == models.N_KV_HEAD for s in sites() if s.kind == "sdpa")
 
 
 def test_dynamic_lengths_do_not_recompile():

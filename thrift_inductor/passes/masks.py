@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch.fx import Node
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 log = logging.getLogger("thrift_inductor")
@@ -102,7 +103,19 @@ def _is_causal_value(mask: torch.Tensor, lq: int, lk: int) -> bool:
 
 
 def is_causal_mask(mask: Node, lq, lk) -> bool:
-    """True iff ``mask`` (an FX node) is provably the top-left causal mask for ``[.., lq, lk]`` scores."""
+    """True iff ``mask`` (an FX node) is provably the top-left causal mask for ``[.., lq, lk]`` scores.
+
+    Never raises: anything unexpected means "not provably causal" (the site then stays stock)."""
+    try:
+        # Inductor runs passes under its FakeTensorMode; the check needs real values.
+        with unset_fake_temporarily(), torch.no_grad():
+            return _is_causal_mask(mask, lq, lk)
+    except Exception as exc:
+        log.debug("thrift: mask %s not provably causal (%s)", getattr(mask, "name", mask), exc)
+        return False
+
+
+def _is_causal_mask(mask: Node, lq, lk) -> bool:
     if not isinstance(mask, Node) or not isinstance(mask.meta.get("val"), torch.Tensor):
         return False
     if free_unbacked_symbols(mask.meta["val"]):
@@ -139,6 +152,14 @@ def is_causal_mask(mask: Node, lq, lk) -> bool:
 
 def mask_is_all_keep(mask: Node) -> bool:
     """A mask that keeps everything (e.g. all-True bool / all-zero additive) is the same as no mask."""
+    try:
+        with unset_fake_temporarily(), torch.no_grad():
+            return _mask_is_all_keep(mask)
+    except Exception:
+        return False
+
+
+def _mask_is_all_keep(mask: Node) -> bool:
     nodes = _ancestors(mask) if isinstance(mask, Node) else None
     if not nodes or any(n.op == "placeholder" for n in nodes):
         return False

@@ -30,6 +30,7 @@ from torch.fx import Node
 from ..config import ThriftConfig
 from ..ops import config_to_op_args
 from . import eligibility as E
+from .gqa import unrepeat_pair
 from .masks import is_causal_mask
 from .sites import Site, record, shape_of
 
@@ -70,20 +71,20 @@ def _div_clone(query, key, value, inv_scale):
     return torch.matmul(query, key.transpose(-2, -1)).div(inv_scale).softmax(dim=-1).clone().matmul(value)
 
 
-def _mul_mask(query, key, value, scale, attn_mask):
+def _mul_mask(query, key, value, attn_mask, scale):
     return (torch.matmul(query, key.transpose(-2, -1)).mul(scale) + attn_mask).softmax(dim=-1).matmul(value)
 
 
-def _div_mask(query, key, value, inv_scale, attn_mask):
+def _div_mask(query, key, value, attn_mask, inv_scale):
     return (torch.matmul(query, key.transpose(-2, -1)).div(inv_scale) + attn_mask).softmax(dim=-1).matmul(value)
 
 
-def _mul_mask_clone(query, key, value, scale, attn_mask):
+def _mul_mask_clone(query, key, value, attn_mask, scale):
     s = torch.matmul(query, key.transpose(-2, -1)).mul(scale) + attn_mask
     return s.softmax(dim=-1).clone().matmul(value)
 
 
-def _div_mask_clone(query, key, value, inv_scale, attn_mask):
+def _div_mask_clone(query, key, value, attn_mask, inv_scale):
     s = torch.matmul(query, key.transpose(-2, -1)).div(inv_scale) + attn_mask
     return s.softmax(dim=-1).clone().matmul(value)
 
@@ -161,42 +162,81 @@ def _make_check(divide: bool, masked: bool):
 
 
 # --------------------------------------------------------------------------- registration
-@functools.lru_cache(maxsize=1)
-def _patterns() -> PatternMatcherPass:
-    patterns = PatternMatcherPass(pass_name="thrift_attention_patterns")
-    # Shapes only shape the trace (batch 1 drops a clone); the pattern matches any sizes.
-    # Batch 1 drops the clone that matmul's reshape adds for batch > 1; non-contiguous q/k/v (heads
-    # split off a [B, L, 3, H, D] projection) add clones on every operand. Mixed layouts are not traced
-    # (each trace costs ~0.2 s); fuse_attention still catches many of those and the post pass takes them.
-    layouts = (((2, 4, 8, 16), False), ((1, 4, 8, 16), False), ((2, 4, 8, 16), True))
+# Example sizes only shape the trace; the patterns match any sizes. What changes the traced graph is
+# layout: matmul's reshape adds a ``clone`` for an operand that is not viewable as [B*H, L, D] (batch > 1
+# and non-contiguous, e.g. heads split off a [B, L, H, D] projection), and none for batch 1.
+_SHAPE = (2, 4, 8, 16)
+_SHAPE_BS1 = (1, 4, 8, 16)
+# (q, k, v) strided flags. Unmasked spellings: all-contiguous and all-strided (attention written
+# on a fused qkv projection). Masked (HF eager) spellings: every combination (RoPE'd q, repeat_kv'd k
+# and v end up with different layouts), ~0.2 s of tracing each, so only traced when a graph needs them.
+_UNMASKED_LAYOUTS = ((False, False, False), (True, True, True))
+_MASKED_LAYOUTS = tuple((a, b, c) for a in (False, True) for b in (False, True) for c in (False, True))
+
+
+def _trace(fn, args, **kwargs):
+    """``fwd_only`` without its no-op removal: that pass deletes the ``clone`` an eval-mode dropout
+    leaves in the graph, but our pass runs before Inductor removes it, so the pattern must keep it."""
+    try:
+        return fwd_only(fn, args, run_functional_passes=False, **kwargs)
+    except TypeError:   # a torch without that keyword: no no-op removal to skip
+        return fwd_only(fn, args, **kwargs)
+
+
+def _example(shape, dtype, strided: bool) -> torch.Tensor:
+    if strided:   # [B, L, H, D] memory viewed as [B, H, L, D]
+        return torch.empty((shape[0], shape[2], shape[1], shape[3]), dtype=dtype).transpose(1, 2)
+    return torch.empty(shape, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def _patterns(masked: bool) -> PatternMatcherPass:
+    patterns = PatternMatcherPass(pass_name=f"thrift_attention_patterns{'_masked' if masked else ''}")
+    layouts = [(_SHAPE, lay) for lay in (_MASKED_LAYOUTS if masked else _UNMASKED_LAYOUTS)]
+    layouts.append((_SHAPE_BS1, (False, False, False)))
+    # fp16 too: a half softmax is traced with casts to fp32 and back (bf16 gives the same graph).
     for dtype in (torch.float32, torch.float16):
         for shape, strided in layouts:
-            def t():
-                if strided:   # [B, L, H, D] memory viewed as [B, H, L, D]
-                    return torch.empty((shape[0], shape[2], shape[1], shape[3]), dtype=dtype).transpose(1, 2)
-                return torch.empty(shape, dtype=dtype)
             mask = torch.empty((shape[0], 1, shape[2], shape[2]), dtype=dtype)
-            for name, (fn, divide, masked) in _SEARCH.items():
-                if strided and masked:
+            for fn, divide, has_mask in _SEARCH.values():
+                if has_mask != masked:
                     continue
-                args = [t(), t(), t(), _SCALE_EXAMPLE] + ([mask] if masked else [])
+                # The scalar goes last: the matcher names traced inputs positionally after dropping scalars.
+                args = [_example(shape, dtype, s) for s in strided] + ([mask] if masked else []) + [_SCALE_EXAMPLE]
                 workaround = {"inv_scale" if divide else "scale": _SCALE_EXAMPLE}
-                register_replacement(fn, _replacement, args, fwd_only, patterns,
+                register_replacement(fn, _replacement, args, _trace, patterns,
                                      extra_check=_make_check(divide, masked), scalar_workaround=workaround,
                                      skip_duplicates=True)
     return patterns
 
 
+def _softmax_inputs(graph: torch.fx.Graph) -> list:
+    """Inputs of every decomposed softmax (``amax(x, -1)``) in ``graph``."""
+    return [n.args[0] for n in graph.nodes if n.op == "call_function" and n.target is aten.amax.default]
+
+
 def apply_patterns(graph: torch.fx.Graph, cfg: ThriftConfig, graph_id: int) -> int:
     """Rewrite eligible hand-written attention in ``graph``; returns the number of rewritten sites."""
-    if not any(n.op == "call_function" and n.target in (aten._softmax.default, aten.amax.default)
-               for n in graph.nodes):
-        return 0   # no softmax, nothing to match: skip the (cached, but first-time slow) registration
-    patterns = _patterns()
+    inputs = _softmax_inputs(graph)
+    if not inputs:
+        return 0   # no softmax, nothing to match: skip the (once per process, slow) registration
     state = _Active(cfg=cfg, graph_id=graph_id, seen=set())
     token = _ACTIVE.set(state)
     try:
-        patterns.apply(graph)
+        _patterns(False).apply(graph)
+        if any(isinstance(x, Node) and x.target is aten.add.Tensor for x in inputs):
+            _patterns(True).apply(graph)    # softmax(scores + mask): maybe a causal mask
     finally:
         _ACTIVE.reset(token)
+    if state.count:
+        _unrepeat_new_sites(graph)
     return state.count
+
+
+def _unrepeat_new_sites(graph: torch.fx.Graph) -> None:
+    """HF ``repeat_kv`` before hand-written attention: hand the op the un-repeated k / v."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.thrift.attention.default:
+            k, v = unrepeat_pair(node.args[1], node.args[2])
+            if k is not node.args[1]:
+                node.args = (node.args[0], k, v, *node.args[3:])
