@@ -50,7 +50,7 @@ Argument legend of ``thrift_attention_tile`` (in this order):
               HEAD_DIM      D (power of two)
               IS_CAUSAL     top-left aligned causal mask
               FORMAT        0 nvfp4, 1 mxfp4, 2 fp8 (common.FORMAT_CODES)
-              P_MICRO       p_quant == "microblock" (not implemented: must be False; see can_implement)
+              P_MICRO       p_quant == "microblock" (FP4 only; see MICROBLOCK_VERIFIED_ON_GPU)
               GQA_GROUP     G = Hq // Hkv; kv head = hq // G
               P_EXACT_ROUND True exactly when running under TRITON_INTERPRET=1; switches on the interpreter
                             workarounds: P is rounded to the e4m3 grid in fp32 before the fp8 cast (the
@@ -71,8 +71,8 @@ import triton
 import triton.language as tl
 
 from ..config import ThriftConfig
-from ..constants import LOG2E, P_FP4_MAX, P_FP8_MAX
-from .common import FORMAT_CODES, bf16_rn, e4m3_rn, low_dtype
+from ..constants import E2M1_MAX, LOG2E, P_FP4_MAX, P_FP8_MAX
+from .common import FORMAT_CODES, bf16_rn, e2m1_rn, e4m3_rn, e8m0_up, low_dtype
 
 # log2 of the P grid maxima: e * MAX == exp2(s - B + log2(MAX)), so the scaling rides in the exp2's FMA.
 _LOG2_P_FP8_MAX = tl.constexpr(math.log2(P_FP8_MAX))
@@ -80,6 +80,7 @@ _LOG2_P_FP4_MAX = tl.constexpr(math.log2(P_FP4_MAX))
 _INV_P_FP8_MAX = tl.constexpr(1.0 / P_FP8_MAX)
 _INV_P_FP4_MAX = tl.constexpr(1.0 / P_FP4_MAX)
 _LOG2E = tl.constexpr(LOG2E)
+_E2M1_MAX = tl.constexpr(E2M1_MAX)
 _FP32_EXP_MASK = tl.constexpr(0x7F800000)
 _E2M1_P_MAGIC = tl.constexpr(1.5 * 2.0 ** 22)
 # Floor for a block row max: a row with no visible key in a masked tile gets exp2(-inf - NEG_BIG) = 0
@@ -94,6 +95,10 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 FP4_HEAD_DIMS = (64, 128, 256)          # docs/numerics.md §2: FP4 scale blocks must tile D
 FP8_MIN_BLOCK = 32                      # fp8 wgmma has K = 32: the P @ V reduction (BLOCK_N) needs >= 32
 MIN_BLOCK_M = 16                        # tl.dot needs M >= 16
+# p_quant="microblock" (P quantised per 16/32 tokens with its own scale) matches the oracle under the
+# interpreter; it has not been compiled on sm_90 yet (the reshape to [BM, BN/16, 16] may need layout
+# conversions), so CUDA callers get the oracle until a GPU run flips this.
+MICROBLOCK_VERIFIED_ON_GPU = False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,6 +116,27 @@ def _e2m1_rn_p(x):
     pow2 = (tl.maximum(x, 1.0).to(tl.int32, bitcast=True) & _FP32_EXP_MASK).to(tl.float32, bitcast=True)
     magic = pow2 * _E2M1_P_MAGIC
     return (x + magic) - magic
+
+
+@triton.jit
+def _p_microblock(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FORMAT: tl.constexpr):
+    """p_quant='microblock' (numerics.md §4): x = 6e [BLOCK_M, BLOCK_N] quantised along tokens in groups of
+    16 (nvfp4, E4M3 scale) or 32 (mxfp4, E8M0 scale rounded up), exactly like reference.fake_quantize;
+    returns codes * scale (exact in bf16), still in units of 6e."""
+    MB: tl.constexpr = 16 if FORMAT == 0 else 32
+    tl.static_assert(BLOCK_N % MB == 0, "the kv tile must hold whole P microblocks")
+    x3 = tl.reshape(x, [BLOCK_M, BLOCK_N // MB, MB])
+    amax = tl.max(x3, 2)
+    ratio = tl.math.div_rn(amax, tl.full(amax.shape, _E2M1_MAX, tl.float32))    # IEEE, as the oracle
+    if FORMAT == 0:
+        sf = e4m3_rn(ratio)
+    else:
+        sf = e8m0_up(ratio)
+    inv = tl.where(sf > 0.0, tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), tl.where(sf > 0.0, sf, 1.0)),
+                   0.0)
+    # the general rounding helper: x * inv can pass 7 when an nvfp4 scale is an e4m3 subnormal
+    codes = e2m1_rn(x3 * inv[:, :, None])
+    return tl.reshape(codes * sf[:, :, None], [BLOCK_M, BLOCK_N])
 
 
 @triton.jit
@@ -134,7 +160,7 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, kv_blk, offs_m, offs_d, Lk,
              ks_base, stride_ksn,
              vs_base, stride_vsb, stride_vsd,
              LOW: tl.constexpr, MASKED: tl.constexpr, HIGH_IEEE: tl.constexpr,
-             BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
+             BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr, P_MICRO: tl.constexpr,
              P_EXACT_ROUND: tl.constexpr):
     """q_rowc: per-row factor [BLOCK_M] taking the raw dot product to the log2 score (scale*log2e, and
     the fp8 q scale). k/v pointer bases are already offset to the (batch, kv head)."""
@@ -203,7 +229,12 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, kv_blk, offs_m, offs_d, Lk,
             pe = tl.exp2(qk * q_rowc[:, None] - (b - _LOG2_P_FP4_MAX)[:, None])
             beta = beta * _INV_P_FP4_MAX
             l_ij = tl.sum(pe, 1)
-            p = _e2m1_rn_p(pe).to(tl.bfloat16)
+            if P_MICRO:
+                # exp2 may land the row max a few ulp above 6; mxfp4 rounds its scale *up*, so 6(1+eps)
+                # would double the scale of that microblock: clamp to the exact 6 the oracle sees
+                p = _p_microblock(tl.minimum(pe, _E2M1_MAX), pe.shape[0], BLOCK_N, FORMAT).to(tl.bfloat16)
+            else:
+                p = _e2m1_rn_p(pe).to(tl.bfloat16)
             if MASKED:
                 v = tl.load(v_ptrs_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                             mask=offs_n[:, None] < Lk, other=0.0)
@@ -244,7 +275,7 @@ def thrift_attention_tile(
         IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr, P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr,
         P_EXACT_ROUND: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0, "BLOCK_M must divide BLOCK_N (the selection block)")
-    tl.static_assert(not P_MICRO, "p_quant='microblock' is not implemented in the kernel")
+    tl.static_assert(not (P_MICRO and FORMAT == 2), "p_quant='microblock' is an FP4 scheme")
     off_hkv = off_hq // GQA_GROUP
     off_z64 = off_z.to(tl.int64)   # batch/head offsets can pass 2**31 elements at long context
     off_hq64 = off_hq.to(tl.int64)
@@ -286,13 +317,15 @@ def thrift_attention_tile(
                                      kl_base, stride_kln, stride_kld,
                                      vt_base, stride_vtn, stride_vtd,
                                      ks_base, stride_ksn, vs_base, stride_vsb, stride_vsd,
-                                     True, False, False, BLOCK_N, IS_CAUSAL, FORMAT, P_EXACT_ROUND)
+                                     True, False, False, BLOCK_N, IS_CAUSAL, FORMAT, P_MICRO,
+                                     P_EXACT_ROUND)
         kv_blk = tl.load(lo_row + (lo_cnt - 1) * stride_lok)
         acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, kv_blk, offs_m, offs_d, Lk,
                                  kl_base, stride_kln, stride_kld,
                                  vt_base, stride_vtn, stride_vtd,
                                  ks_base, stride_ksn, vs_base, stride_vsb, stride_vsd,
-                                 True, True, False, BLOCK_N, IS_CAUSAL, FORMAT, P_EXACT_ROUND)
+                                 True, True, False, BLOCK_N, IS_CAUSAL, FORMAT, P_MICRO,
+                                 P_EXACT_ROUND)
 
     # ---- loop 2: input precision ------------------------------------------------------------------
     if hi_cnt > 0:
@@ -308,7 +341,8 @@ def thrift_attention_tile(
                                      k_base, stride_kn, stride_kd,
                                      v_base, stride_vn, stride_vd,
                                      K_SCALE, 0, V_SCALE, 0, 0,
-                                     False, True, HIGH_IEEE, BLOCK_N, IS_CAUSAL, FORMAT, P_EXACT_ROUND)
+                                     False, True, HIGH_IEEE, BLOCK_N, IS_CAUSAL, FORMAT, P_MICRO,
+                                     P_EXACT_ROUND)
 
     # l == 0 only when the row saw no key at all (no candidates): the contract says output 0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -411,8 +445,9 @@ def can_implement(cfg: ThriftConfig, head_dim: int, dtype: torch.dtype, block_si
         return False, f"head_dim {head_dim} not in {SUPPORTED_HEAD_DIMS}"
     if cfg.format != "fp8" and head_dim not in FP4_HEAD_DIMS:
         return False, f"FP4 formats need head_dim in {FP4_HEAD_DIMS}, got {head_dim}"
-    if cfg.p_quant != "block":
-        return False, "p_quant='microblock' is not implemented in the Triton kernel (the op uses the oracle)"
+    if cfg.p_quant == "microblock" and not (MICROBLOCK_VERIFIED_ON_GPU or _interpreting()):
+        return False, ("p_quant='microblock' is tested only under the Triton interpreter, not yet compiled "
+                       "for sm_90 (the op uses the oracle)")
     if bs < MIN_BLOCK_M:
         return False, f"block_size {bs} < {MIN_BLOCK_M} (tl.dot minimum)"
     if cfg.format == "fp8" and bs < FP8_MIN_BLOCK:
@@ -465,7 +500,7 @@ def attention_forward(q, k, v, q_lo, q_scale, k_lo, k_scale, v_lo_t, v_scale,
     _thrift_attention_fwd[grid](
         *tensors, *strides, Lq, Lk, Hq,
         SM_SCALE=float(scale), BLOCK_M=bm, BLOCK_N=bs, HEAD_DIM=D, IS_CAUSAL=bool(is_causal),
-        FORMAT=FORMAT_CODES[cfg.format], P_MICRO=False, GQA_GROUP=Hq // Hkv,
+        FORMAT=FORMAT_CODES[cfg.format], P_MICRO=cfg.p_quant == "microblock", GQA_GROUP=Hq // Hkv,
         P_EXACT_ROUND=_interpreting(),
         num_warps=num_warps or dflt.num_warps, num_stages=num_stages or dflt.num_stages)
     return out
