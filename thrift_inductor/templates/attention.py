@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from ..config import ThriftConfig
-from ..constants import E2M1_MAX, LOG2E, P_FP4_MAX, P_FP8_MAX
+from ..constants import E2M1_MAX, LOG2E, MXFP4_BLOCK, NVFP4_BLOCK, P_FP4_MAX, P_FP8_MAX
 from .common import FORMAT_CODES, bf16_rn, e2m1_rn, e4m3_rn, e8m0_up, low_dtype
 
 # log2 of the P grid maxima: e * MAX == exp2(s - B + log2(MAX)), so the scaling rides in the exp2's FMA.
@@ -83,6 +83,7 @@ _LOG2E = tl.constexpr(LOG2E)
 _E2M1_MAX = tl.constexpr(E2M1_MAX)
 _FP32_EXP_MASK = tl.constexpr(0x7F800000)
 _E2M1_P_MAGIC = tl.constexpr(1.5 * 2.0 ** 22)
+assert (NVFP4_BLOCK, MXFP4_BLOCK) == (16, 32)     # the P microblocks of _p_microblock (literals there)
 # Floor for a block row max: a row with no visible key in a masked tile gets exp2(-inf - NEG_BIG) = 0
 # instead of exp2(-inf + inf) = NaN. Real log2-domain scores never come near it.
 _NEG_BIG = tl.constexpr(-1.0e30)
@@ -123,7 +124,7 @@ def _p_microblock(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FORMAT: tl.co
     """p_quant='microblock' (numerics.md §4): x = 6e [BLOCK_M, BLOCK_N] quantised along tokens in groups of
     16 (nvfp4, E4M3 scale) or 32 (mxfp4, E8M0 scale rounded up), exactly like reference.fake_quantize;
     returns codes * scale (exact in bf16), still in units of 6e."""
-    MB: tl.constexpr = 16 if FORMAT == 0 else 32
+    MB: tl.constexpr = 16 if FORMAT == 0 else 32     # NVFP4_BLOCK / MXFP4_BLOCK
     tl.static_assert(BLOCK_N % MB == 0, "the kv tile must hold whole P microblocks")
     x3 = tl.reshape(x, [BLOCK_M, BLOCK_N // MB, MB])
     amax = tl.max(x3, 2)
@@ -445,9 +446,13 @@ def can_implement(cfg: ThriftConfig, head_dim: int, dtype: torch.dtype, block_si
         return False, f"head_dim {head_dim} not in {SUPPORTED_HEAD_DIMS}"
     if cfg.format != "fp8" and head_dim not in FP4_HEAD_DIMS:
         return False, f"FP4 formats need head_dim in {FP4_HEAD_DIMS}, got {head_dim}"
-    if cfg.p_quant == "microblock" and not (MICROBLOCK_VERIFIED_ON_GPU or _interpreting()):
-        return False, ("p_quant='microblock' is tested only under the Triton interpreter, not yet compiled "
-                       "for sm_90 (the op uses the oracle)")
+    if cfg.p_quant == "microblock":
+        if not (MICROBLOCK_VERIFIED_ON_GPU or _interpreting()):
+            return False, ("p_quant='microblock' is tested only under the Triton interpreter, not yet compiled "
+                           "for sm_90 (the op uses the oracle)")
+        group = NVFP4_BLOCK if cfg.format == "nvfp4" else MXFP4_BLOCK
+        if bs % group:
+            return False, f"p_quant='microblock' needs block_size to hold whole {group}-token P groups, got {bs}"
     if bs < MIN_BLOCK_M:
         return False, f"block_size {bs} < {MIN_BLOCK_M} (tl.dot minimum)"
     if cfg.format == "fp8" and bs < FP8_MIN_BLOCK:
