@@ -18,8 +18,10 @@ size, so a tile never straddles two query blocks):
   loop 2: hi_idx[0 : hi_cnt]     input precision, masks
 Per kv tile: block row max ``B`` (log2 domain, scale*log2e folded in), ``e = exp2(s - B)``, row sum from
 the unquantised ``e``, ``P`` = ``e`` on the format grid (fp8: 448e -> e4m3; FP4: 6e -> e2m1; high: input
-dtype), ``P @ V`` dotted fresh and added to the fp32 accumulator with the factor ``exp2(B - m_new)``
-(never through the fp8 wgmma accumulator, whose precision is ~14 bits on Hopper).
+dtype), ``P @ V`` dotted fresh and added to the fp32 accumulator with the factor ``exp2(B - m_ref)``
+(never through the fp8 wgmma accumulator, whose precision is ~14 bits on Hopper). ``m_ref`` is the row's
+reference max, moved (and acc, l rescaled) only when a block max passes it by more than 2**8 (FA4's lazy
+rescale); the result equals the oracle's ``sum_j exp(B_j - m) P_j V_j / l`` up to fp32 rounding.
 
 Argument legend of ``thrift_attention_tile`` (in this order):
   pointers    Q, K, V            input q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (fp16 / bf16 / fp32)
