@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .passes.sites import Site, clear_sites, sites
+if TYPE_CHECKING:   # the passes pull in Inductor (seconds): imported when explain() runs, not with the package
+    from .passes.sites import Site
 
 _COLUMNS = ("graph", "node", "op", "q_shape", "kv_shape", "dtype", "causal", "result")
 
@@ -59,6 +60,7 @@ def explain(model_or_fn: Callable, *inputs, **compile_kwargs) -> ExplainReport:
     The FX graph cache is switched off for this compile so the pass really runs.
     """
     from .backend import thrift_backend
+    from .passes.sites import clear_sites, sites
     compile_kwargs = dict(compile_kwargs)
     compile_kwargs.pop("backend", None)
     options = dict(compile_kwargs.pop("options", None) or {})
