@@ -31,19 +31,20 @@ def plot(records, out_path):
     for ax, (causal, d) in zip(axes[0], panels):
         rows = [r for r in records if r["causal"] == causal and int(r["d"]) == d and r["hkv"] == r["hq"]]
         ns = sorted({int(r["n"]) for r in rows})
-        for prov in PROVIDERS:
+        for color, prov in enumerate(PROVIDERS):   # fixed colour per provider across panels
             ys = []
             for n in ns:
                 hit = [float(r["tflops"]) for r in rows if int(r["n"]) == n and r["provider"] == prov]
                 ys.append(hit[0] if hit else math.nan)
             if not all(math.isnan(y) for y in ys):
-                ax.plot([n // 1024 for n in ns], ys, marker="o", label=prov)
+                ax.plot([n // 1024 for n in ns], ys, marker="o", label=prov, color=f"C{color}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length (k tokens)")
         ax.set_ylabel("TFLOP/s")
         ax.set_title(f"{'causal' if causal == 'True' else 'non-causal'}, d={d}")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     print("wrote", out_path)
