@@ -178,9 +178,14 @@ def _trace(fn, args, **kwargs):
     """``fwd_only`` without its no-op removal: that pass deletes the ``clone`` an eval-mode dropout
     leaves in the graph, but our pass runs before Inductor removes it, so the pattern must keep it."""
     try:
-        return fwd_only(fn, args, run_functional_passes=False, **kwargs)
+        gm = fwd_only(fn, args, run_functional_passes=False, **kwargs)
     except TypeError:   # a torch without that keyword: no no-op removal to skip
         return fwd_only(fn, args, **kwargs)
+    # Dead casts (CPU half bmm traces upcasts it never uses) would count as extra users and make the
+    # pattern demand them: drop them, as fwd_only's functional passes would have.
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 def _example(shape, dtype, strided: bool) -> torch.Tensor:
