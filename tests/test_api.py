@@ -51,3 +51,11 @@ def test_device_mismatch_error():
     q, k, v = qkv(seq=64)
     with pytest.raises(ValueError, match="one device"):
         thrift_inductor.attention(q, k.to("meta"), v)
+
+
+def test_attention_inside_torch_compile_equals_eager():
+    q, k, v = qkv(heads=4, kv_heads=2, seq=96)
+    fn = lambda q, k, v: thrift_inductor.attention(q, k, v, is_causal=True, enable_gqa=True, format="fp8")  # noqa: E731
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="inductor", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v), rtol=0, atol=0)
