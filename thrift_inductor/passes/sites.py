@@ -63,8 +63,11 @@ def sites() -> list[Site]:
 
 
 def clear_sites() -> None:
+    """Forget recorded sites and restart graph ids (``explain()`` calls this before compiling)."""
+    global _graph_ids
     with _lock:
         _sites.clear()
+        _graph_ids = itertools.count()
 
 
 def shape_of(t) -> tuple:
