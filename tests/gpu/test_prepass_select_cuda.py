@@ -2,9 +2,9 @@
 
 Same contracts as tests/test_prepass_select.py; here the compiled sm_90 kernels (not the interpreter)
 are checked, at the lengths where int64 offsets, many-warp selection rows and long argmax loops matter.
-The oracle runs on CPU copies: torch's CUDA ``tensor / python_scalar`` multiplies by the reciprocal
-(``amax / 448`` becomes ``amax * fl(1/448)``), which is not the IEEE division numerics.md §1 specifies;
-the CPU path divides exactly.
+The oracle runs on CPU copies here; ``test_oracle_quantizers_same_on_cuda`` checks that it also agrees
+with itself on CUDA (torch's CUDA ``tensor / python_scalar`` multiplies by the reciprocal, so the oracle
+divides by a tensor: reference/quant.py ``_div``).
 """
 import pytest
 import torch
@@ -135,3 +135,14 @@ def test_ops_on_cuda():
     lists = torch.ops.thrift.select.default(*outs[6:], 1000, 1500, True, "block_mean", 0.1, None, 64)
     want_lists = select_torch(want, 1000, 1500, is_causal=True, config=ThriftConfig(fraction=0.1))
     _assert_same(lists, want_lists, want_lists._fields)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_oracle_quantizers_same_on_cuda(fmt):
+    """The oracle is device-independent: CUDA and CPU quantizers agree bit for bit (scales and codes)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = (torch.randn(4, 8, 4096, 128, device="cuda", generator=g) * 3).to(torch.bfloat16).float()
+    block = 64 if fmt == "fp8" else None
+    got = ref.quantize(x, fmt, dim=-1, block=block)
+    want = ref.quantize(x.cpu(), fmt, dim=-1, block=block)
+    assert torch.equal(got.scales.cpu(), want.scales) and torch.equal(got.codes.cpu(), want.codes)

@@ -115,15 +115,21 @@ def _norm_dim(x: torch.Tensor, dim: int) -> int:
     return dim % x.dim()
 
 
+def _div(a: torch.Tensor, c: float) -> torch.Tensor:
+    """``a / c`` correctly rounded on every device: CUDA turns division by a Python scalar into a
+    multiplication by its reciprocal (off by an ulp), which would move a rounding boundary."""
+    return a / torch.full_like(a, c)
+
+
 def _quantize_fp4(x: torch.Tensor, dim: int, fmt: str) -> QTensor:
     dim = _norm_dim(x, dim)
     block = FORMAT_BLOCK[fmt]
     xb, length = _to_blocks(x, dim, block)
     amax = xb.abs().amax(-1, keepdim=True)
     if fmt == "nvfp4":
-        sf = e4m3_rn(amax / E2M1_MAX)
+        sf = e4m3_rn(_div(amax, E2M1_MAX))
     else:
-        sf = e8m0_up(amax / E2M1_MAX)
+        sf = e8m0_up(_div(amax, E2M1_MAX))
     # The IEEE reciprocal of the rounded scale, as the CUDA quantiser does; sf == 0 (a block below
     # ~6 * 2**-10 under nvfp4) quantises to all zeros.
     inv = torch.where(sf > 0, 1.0 / torch.where(sf > 0, sf, 1.0), 0.0)
@@ -149,7 +155,7 @@ def quantize_fp8(x: torch.Tensor, dim: int = -1, block: Optional[int] = None) ->
         raise ValueError(f"fp8 block must be positive or None, got {block}")
     xb, length = _to_blocks(x, dim, block)
     amax = xb.abs().amax(-1, keepdim=True)
-    sf = torch.where(amax > 0, amax / E4M3_MAX, 1.0)
+    sf = torch.where(amax > 0, _div(amax, E4M3_MAX), 1.0)
     codes = e4m3_rn(xb * (1.0 / sf))
     return QTensor(_from_blocks(codes, length, dim), sf.squeeze(-1).movedim(-1, dim), "fp8", dim, block)
 
