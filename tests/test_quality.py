@@ -1,0 +1,147 @@
+"""The fidelity harness (bench/quality.py) on CPU: its metrics, the YaRN switch, and a smoke sweep.
+
+The smoke sweep runs the real harness code (windows, compile through ``backend="thrift"``, metrics, CSV,
+report) on a tiny random-init Llama and synthetic "novels", so it needs no download; the SmolLM2 run
+is a bench, not a test.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import quality            # noqa: E402
+import quality_data as qd  # noqa: E402
+import quality_report     # noqa: E402
+
+VOCAB = 97
+
+
+def _tiny_llama(rope_parameters=None, n_layer=2, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    kw = dict(rope_parameters=rope_parameters) if rope_parameters else {}
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=192, intermediate_size=256, num_hidden_layers=n_layer,
+                      num_attention_heads=3, num_key_value_heads=1, head_dim=64, max_position_embeddings=256,
+                      attn_implementation="sdpa", **kw)
+    return LlamaForCausalLM(cfg).eval().to(dtype)
+
+
+def _tokens(length=3000, seed=0):
+    g = np.random.default_rng(seed)
+    return {name: g.integers(0, VOCAB, qd.SKIP_TOKENS + length, dtype=np.int32) for name in qd.NOVELS}
+
+
+def test_token_metrics_identity_and_kl():
+    logits = torch.randn(300, VOCAB)
+    labels = torch.randint(0, VOCAB, (300,))
+    same = quality.token_metrics(logits, logits, labels)
+    assert torch.allclose(same["kl"], torch.zeros(300), atol=1e-6)
+    assert bool((same["top1"] == 1).all()) and torch.equal(same["nll"], same["nll_exact"])
+    other = logits + torch.randn(300, VOCAB)
+    m = quality.token_metrics(other, logits, labels)
+    p = torch.softmax(logits.double(), -1)
+    want = (p * (torch.log_softmax(logits.double(), -1) - torch.log_softmax(other.double(), -1))).sum(-1)
+    assert torch.allclose(m["kl"].double(), want, rtol=1e-4, atol=1e-6)
+    assert float(m["kl"].min()) >= 0
+
+
+def test_buckets_cover_positions():
+    pos = torch.arange(0, 9000)
+    rows = quality.summarize({"nll": pos.float()}, pos, by_bucket=True)
+    assert rows[0]["bucket"] == "all" and rows[0]["n"] == 9000
+    assert [r["bucket"] for r in rows[1:]] == ["0k-1k", "1k-2k", "2k-4k", "4k-8k", "8k-16k"]
+    assert sum(r["n"] for r in rows[1:]) == 9000
+
+
+def test_recovery_formula_and_gap_rule():
+    low = {f"w{i}": 0.10 + 0.001 * i for i in range(8)}
+    thr = {k: 0.01 for k in low}
+    r, se, ok = quality_report.recovery(low, thr)
+    assert ok and math.isclose(r, 1 - 0.01 / np.mean(list(low.values())), rel_tol=1e-12) and se >= 0
+    noisy = {f"w{i}": (-1) ** i * 0.1 for i in range(8)}      # mean 0: gap not resolved
+    assert quality_report.recovery(noisy, thr)[2] is False
+
+
+def test_windows_are_disjoint_and_skip_front_matter():
+    toks = _tokens(1000)
+    ws = qd.windows(toks, 256, 3)
+    assert len(ws) == 3 * len(qd.NOVELS)
+    first = ws[0][1]
+    assert np.array_equal(first, toks[qd.NOVELS[0]][qd.SKIP_TOKENS:qd.SKIP_TOKENS + 256])
+    assert not np.shares_memory(ws[0][1], ws[1][1]) or ws[0][1].ctypes.data + 256 * 4 <= ws[1][1].ctypes.data
+
+
+def test_repeated_segment_probe_layout():
+    toks = _tokens(20000)
+    (p,) = qd.repeated_segments(toks, (512,), 1)
+    seg = p.ids[qd.SEGMENT_PREFIX:qd.SEGMENT_PREFIX + qd.SEGMENT_LEN]
+    assert np.array_equal(p.ids[-qd.SEGMENT_LEN:], seg)
+    assert p.target.start == qd.SEGMENT_PREFIX + 512 and p.target.stop == len(p.ids) - 1
+
+
+def test_rope_switch_equals_hf_yarn_and_does_not_recompile():
+    """Swapping in YaRN tables equals a model built with the YaRN config; a compiled model follows
+    the swap without recompiling (the tables are buffers, i.e. graph inputs)."""
+    native = _tiny_llama()
+    yarn = _tiny_llama({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128,
+                        "rope_theta": native.config.rope_parameters["rope_theta"]})
+    yarn.load_state_dict(native.state_dict())
+    ids = torch.randint(0, VOCAB, (1, 200))
+    rope = qd.RopeSwitch(native, native_context=128)
+    assert rope.factor_for(100) == 1.0 and rope.factor_for(200) == 2.0 and rope.factor_for(300) == 4.0
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(native, backend="eager")
+    with torch.no_grad():
+        base = compiled(input_ids=ids, use_cache=False).logits
+        assert torch.equal(base, native(input_ids=ids, use_cache=False).logits)
+        rope.set(2.0)
+        got = compiled(input_ids=ids, use_cache=False).logits
+        want = yarn(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0) and not torch.allclose(got, base)
+    assert counters["stats"]["unique_graphs"] == 1
+    rope.set(1.0)
+    with torch.no_grad():
+        assert torch.equal(native(input_ids=ids, use_cache=False).logits, base)
+
+
+@pytest.mark.slow
+def test_smoke_sweep_through_thrift_backend(tmp_path, monkeypatch):
+    """The harness end to end on CPU (oracle numerics): every variant compiles through the thrift
+    backend with its sites rewritten, rows land in the CSVs, the report and plots build, and thrift at
+    5% is closer to exact than pure nvfp4."""
+    model = _tiny_llama(dtype=torch.bfloat16)
+    args = quality.build_parser().parse_args(
+        ["run", "--out", str(tmp_path), "--preset", "smoke", "--lengths", "192", "--windows-per-novel", "1",
+         "--repeat-distances", "160", "--repeat-passages", "1", "--layer-context", "192",
+         "--native-context", "128"])
+    quality.sweep(model, "tiny-llama", _tokens(), [], args, torch.device("cpu"))
+    variants = {r["variant"]: r for r in quality.Table(tmp_path / "quality_variants.csv", ()).read()}
+    assert {v.name for v in quality.variant_plan("smoke")} | {"exact"} == set(variants)
+    for name, v in variants.items():
+        assert v["status"] == "done", (name, v["note"])
+        if name.startswith("nvfp4"):
+            # regional compile: one graph per decoder-layer compile, one attention site in each
+            assert int(v["rewritten"]) == int(v["graphs"]) > 0 and v["note"].startswith("regional")
+    rows = quality.Table(tmp_path / "quality_windows.csv", ()).read()
+    assert {r["kind"] for r in rows} == {"window", "repeat"} and {float(r["rope_factor"]) for r in rows} == {2.0, 4.0}
+    d = quality_report.window_deltas(rows)
+    gap = lambda name: np.mean(list(d[(192, name)].values()))
+    assert abs(gap("exact")) == 0
+    assert math.isfinite(gap("nvfp4/f0")) and math.isfinite(gap("nvfp4/f0.05/block_mean"))
+    quality_report.main(tmp_path)
+    text = (tmp_path / "quality.md").read_text()
+    assert "nvfp4/f0.05/block_mean" in text and (tmp_path / "quality_recovery_vs_fraction.png").exists()
+    layers = quality.Table(tmp_path / "quality_layers.csv", ()).read()
+    assert len(layers) == 2 * 6 and all(float(r["rel_l2_vs_oracle"]) == 0 for r in layers)   # CPU: kernel = oracle
+    err = lambda name: np.mean([float(r["rel_l2_vs_exact"]) for r in layers if r["variant"] == name])
+    for fmt in ("nvfp4", "mxfp4", "fp8"):
+        assert 0 < err(f"{fmt}/f0.05/block_mean") < err(f"{fmt}/f0")
