@@ -87,7 +87,7 @@ def build(out: Path, tag: str) -> str:
     kl = window_deltas(rows, "kl")
     top1 = window_deltas(rows, "top1")
     contexts = sorted({c for c, _ in dnll})
-    names = [v["variant"] for v in variants if v["status"] == "done"]
+    names = list(dict.fromkeys(v["variant"] for v in variants if v["status"] == "done"))
     env = next((v for v in variants if v.get("device")), {})
     lines = [f"# Fidelity: {rows[0]['model']} on Jane Austen ({tag})", "",
              f"Device: {env.get('device', '?')}, torch {env.get('torch', '?')}. Exact = eager model, stock SDPA "
@@ -100,7 +100,8 @@ def build(out: Path, tag: str) -> str:
     for ctx in contexts:
         n_win = len(dnll.get((ctx, "exact"), {}))
         rope = next((r["rope_factor"] for r in rows if int(r["context"]) == ctx), "1")
-        lines += [f"## Context {ctx} ({n_win} windows, YaRN factor {float(rope):g})", "",
+        nll_exact, _ = mean_se(window_deltas(rows, "nll_exact").get((ctx, "exact"), {}).values())
+        lines += [f"## Context {ctx} ({n_win} windows, YaRN factor {float(rope):g}; exact NLL {nll_exact:.3f})", "",
                   "| variant | ΔNLL | KL(exact‖v) | top-1 agree | recovery (NLL) | recovery (KL) |",
                   "|---|---|---|---|---|---|"]
         for name in ["exact"] + [n for n in names if n != "exact"]:
@@ -194,7 +195,23 @@ def build(out: Path, tag: str) -> str:
                          f"{cell('rel_l2_vs_oracle')} | {np.median(d['sqnr_db']):.1f} |")
         lines.append("")
 
-    # 6. coverage and cost
+    # 6. regional vs whole-model compile (same variants, same windows)
+    whole = _read(out / f"{tag}_wholemodel_windows.csv")
+    if whole:
+        wd = window_deltas(whole, "nll")
+        common = sorted(k for k in wd if k in dnll and k[1] != "exact")
+        lines += ["## Cross-check: whole-model vs regional compile", "",
+                  "ΔNLL of the same variant on the same windows when the whole model is compiled "
+                  "(`torch.compile(model, backend=\"thrift\")`, one 30-site graph) and when each decoder layer is "
+                  "(`layer.compile(backend=\"thrift\")`, the mode of the tables above).", "",
+                  "| context | variant | whole model | regional | difference |", "|---|---|---|---|---|"]
+        for ctx, name in common:
+            a, _ = mean_se(wd[(ctx, name)].values())
+            b, _ = mean_se(dnll[(ctx, name)].values())
+            lines.append(f"| {ctx} | {name} | {_fmt(a, signed=True)} | {_fmt(b, signed=True)} | {_fmt(b - a, signed=True)} |")
+        lines.append("")
+
+    # 7. coverage and cost
     lines += ["## Attention-site coverage and compile cost", "",
               "| variant | status | sites rewritten | graphs compiled | compile s | eval s |", "|---|---|---|---|---|---|"]
     for v in variants:
@@ -235,10 +252,37 @@ def plots(out: Path, tag: str) -> list[Path]:
         ax.set_title(f"{fmt}, context {ctx}")
         ax.set_xlabel("high-precision block pairs (%)")
         ax.set_xscale("log")
+        ax.set_xticks([2, 5, 10, 25], ["2", "5", "10", "25"])
+        ax.minorticks_off()
     axes[0].set_ylabel("gap recovered (% of ΔNLL)")
     axes[0].legend()
     fig.tight_layout()
     p = out / f"{tag}_recovery_vs_fraction.png"
+    fig.savefig(p, dpi=110)
+    paths.append(p)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, fmt in zip(axes, ("nvfp4", "mxfp4", "fp8")):
+        for sel, color in zip(("block_mean", "quest", "local"), ("C0", "C1", "C2")):
+            name = f"{fmt}/f{HEADLINE_FRACTION:g}/{sel}"
+            pts = []
+            for c in contexts:
+                if (c, name) in dnll and (c, f"{fmt}/f0") in dnll:
+                    r, rse, ok = recovery(dnll[(c, f"{fmt}/f0")], dnll[(c, name)])
+                    if ok:
+                        pts.append((c, r, rse))
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, [100 * v for v in y], yerr=[100 * v for v in e], marker="o", color=color,
+                            label=sel, capsize=3)
+        ax.axhline(100, color="k", lw=0.6, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{fmt} at {100 * HEADLINE_FRACTION:g}% high precision")
+        ax.set_xlabel("context length (tokens)")
+    axes[0].set_ylabel("gap recovered (% of ΔNLL)")
+    axes[0].legend()
+    fig.tight_layout()
+    p = out / f"{tag}_recovery_vs_context.png"
     fig.savefig(p, dpi=110)
     paths.append(p)
 
