@@ -1,10 +1,11 @@
 """The attention kernel on an H100/H200 at realistic lengths, against the oracle (run on the same GPU).
 
 Same criterion as the CPU tests (``tolerances.assert_kernel_matches_oracle``), with one GPU-only
-allowance for the fp8 format: Hopper's fp8 wgmma accumulates Q.K^T and P.V in a ~14-bit accumulator
-(perf_anchors.md §3), not fp32 like the oracle and the interpreter. The score perturbation flips a few
-P codes across e4m3 rounding boundaries, each flip moving one P value by up to 1/16, so the fp8 kernel
-sits further from the oracle than the bit-faithful FP4 formats (bf16 wgmma, fp32 accumulate) do.
+allowance for the fp8 format: Hopper's fp8 wgmma sums each K-step in a ~14-bit accumulator
+(perf_anchors.md §3); the kernel re-accumulates in fp32 after every K-step (``_FP8_ACC_PROMOTE``), but the
+in-step perturbation still flips a few P codes across e4m3 rounding boundaries, each flip moving one P
+value by up to 1/16, so the fp8 kernel sits further from the oracle than the bit-faithful FP4 formats
+(bf16 wgmma, fp32 accumulate) do.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from tolerances import KERNEL_BUDGET, assert_kernel_matches_oracle, rel_l2
 
 pytestmark = pytest.mark.cuda
 
-# Measured on H100 (torch 2.11 / Triton 3.6): kernel-vs-oracle error is 5-30% of the oracle's own error
-# for fp8 (see the module docstring); FP4 formats stay below 0.1%.
-FP8_GPU_BUDGET = 0.35
+# fp8 dots re-accumulate in fp32 every wgmma K-step (templates/attention.py _FP8_ACC_PROMOTE); what is left
+# is the ~14-bit sum inside one K-step flipping a few P codes. Measured on H200 (torch 2.11 / Triton 3.6):
+# kernel-vs-oracle 3.6-5.2% of the oracle's own error (8-9% without the promotion); FP4 formats < 0.1%.
+FP8_GPU_BUDGET = 0.08
 # Accumulation drift: the kernel-to-oracle error ratio at 32k may not exceed the 4k ratio by more than this
 # factor (each query tile sums its blocks in fp32 with one running max, so it should not grow with N).
 DRIFT_FACTOR = 1.5

@@ -93,6 +93,10 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 # 0 switches to the classic rescale-every-tile. H100 A/B at 16k causal d128 (docs/perf_notes.md): within
 # noise (fp8 -3%, nvfp4 +2%); kept for the fewer multiplies on long rows with a stable max.
 _RESCALE_SLACK = tl.constexpr(8.0)
+# fp8 wgmma sums in ~14-bit precision (perf_anchors.md §3). Triton re-accumulates in fp32 every this many
+# K elements (max_num_imprecise_acc; 32 = one wgmma K-step), so the fp8 dots match the oracle up to fp32
+# reordering. None keeps Triton's sm_90 default (never promote). docs/perf_notes.md has the A/B.
+_FP8_ACC_PROMOTE = tl.constexpr(32)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 FP4_HEAD_DIMS = (64, 128, 256)          # docs/numerics.md §2: FP4 scale blocks must tile D
@@ -147,6 +151,8 @@ def _dot(a, b, IEEE: tl.constexpr, P_EXACT_ROUND: tl.constexpr):
     """a @ b with fp32 accumulation. IEEE: fp32 operands, no tf32 (the high path of fp32 inputs)."""
     if P_EXACT_ROUND and a.dtype == tl.bfloat16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif a.dtype == tl.float8e4nv and _FP8_ACC_PROMOTE is not None and a.shape[1] >= _FP8_ACC_PROMOTE:
+        return tl.dot(a, b, max_num_imprecise_acc=_FP8_ACC_PROMOTE)
     elif IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:
@@ -226,7 +232,7 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, kv_blk, offs_m, offs_d, Lk,
             else:
                 v = tl.load(v_ptrs_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
             v_sc = tl.load(vs_base + kv_blk * stride_vsb + offs_d * stride_vsd)
-            pv = tl.dot(p, v) * v_sc[None, :]
+            pv = _dot(p, v, False, P_EXACT_ROUND) * v_sc[None, :]
         else:
             # FP4: e * 6 on the E2M1 grid; E2M1 values are exact in bf16
             pe = tl.exp2(qk * q_rowc[:, None] - (b - _LOG2_P_FP4_MAX)[:, None])
