@@ -192,6 +192,15 @@ class Work:
         return cls(items)
 
 
+def _progress(items, desc: str):
+    """A tqdm bar on a terminal; plain iteration in logs (the device run prints one line per variant)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=f"{desc:28s}", leave=False, disable=not sys.stderr.isatty())
+
+
 class Compiled:
     """A variant's compiled model. ``whole``: ``torch.compile(model, ...)``. ``regional``: PyTorch's
     regional-compilation recipe, ``layer.compile(...)`` on every decoder layer: the same backend, pass
@@ -243,7 +252,7 @@ def run_variant(variant: Variant, model, rope: qd.RopeSwitch, work: Work, device
     compiled = Compiled(model, variant, how)
     rows, t_compile, t0 = [], None, time.perf_counter()
     try:
-        for length, factor, kind, item, ids_np, target in work.items:
+        for length, factor, kind, item, ids_np, target in _progress(work.items, variant.name):
             if rope.factor != factor:
                 rope.set(factor)
             ids = torch.as_tensor(ids_np, dtype=torch.long, device=device)[None]

@@ -94,7 +94,13 @@ def build(out: Path, tag: str) -> str:
              "(bf16). Every other variant is `torch.compile(model, backend=...)`. ΔNLL in nats per token, "
              "mean ± standard error over windows (paired per token with exact). Recovery = "
              "(ΔNLL_lowprec − ΔNLL_thrift)/ΔNLL_lowprec against the same format at fraction 0, jackknife SE; "
-             f"'–' where the low-precision gap is under {MIN_GAP_SE:g} SE.", ""]
+             f"'–' where the low-precision gap is under {MIN_GAP_SE:g} SE.", "",
+             "Produced by `bench/quality.py run` (2k-16k) and `run --tag quality32k --lengths 32768 "
+             "--windows-per-novel 1 --no-probes --layer-context 0` (32k, rows merged), then "
+             "`bench/quality.py report`; method and device procedure in bench/README.md. Device logs: "
+             "`quality_log_*.txt`. Code: commit 259644a plus the regional-compile mode of 7c7ec40 (kernels "
+             "unchanged between them); the later fp8 K-step accumulation fix (104b98f, docs/perf_notes.md) "
+             "is not in these fp8 numbers.", ""]
 
     # 1. main table per context
     for ctx in contexts:
