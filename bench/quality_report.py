@@ -229,6 +229,25 @@ def build(out: Path, tag: str) -> str:
     return "\n".join(lines)
 
 
+def _recovery_panels(plt, points, style, path: Path) -> Path:
+    """One panel per format, one line per heuristic: ``points(fmt, sel)`` -> [(x, recovery %, SE %)]."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, fmt in zip(axes, ("nvfp4", "mxfp4", "fp8")):
+        for sel, color in zip(("block_mean", "quest", "local"), ("C0", "C1", "C2")):
+            pts = points(fmt, sel)
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, marker="o", color=color, label=sel, capsize=3)
+        ax.axhline(100, color="k", lw=0.6, ls=":")
+        style(ax, fmt)
+    axes[0].set_ylabel("gap recovered (% of ΔNLL)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(out: Path, tag: str) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -237,60 +256,41 @@ def plots(out: Path, tag: str) -> list[Path]:
     dnll = window_deltas(rows, "nll")
     contexts = sorted({c for c, _ in dnll})
     names = sorted({n for _, n in dnll})
-    paths = []
     ctx = contexts[-1]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for ax, fmt in zip(axes, ("nvfp4", "mxfp4", "fp8")):
-        for sel, color in zip(("block_mean", "quest", "local"), ("C0", "C1", "C2")):
-            pts = []
-            for n in names:
-                f, frac, s = parse_variant(n)
-                if f == fmt and s == sel and frac > 0 and (ctx, f"{fmt}/f0") in dnll:
-                    r, rse, ok = recovery(dnll[(ctx, f"{fmt}/f0")], dnll[(ctx, n)])
-                    if ok:
-                        pts.append((frac, r, rse))
-            if pts:
-                pts.sort()
-                x, y, e = zip(*pts)
-                ax.errorbar([100 * v for v in x], [100 * v for v in y], yerr=[100 * v for v in e],
-                            marker="o", color=color, label=sel, capsize=3)
-        ax.axhline(100, color="k", lw=0.6, ls=":")
+
+    def resolved(x, low_key, thr_key):
+        if low_key in dnll and thr_key in dnll:
+            r, rse, ok = recovery(dnll[low_key], dnll[thr_key])
+            if ok:
+                return [(x, 100 * r, 100 * rse)]
+        return []
+
+    def by_fraction(fmt, sel):
+        out = []
+        for n in names:
+            f, frac, s = parse_variant(n)
+            if f == fmt and s == sel and frac > 0:
+                out += resolved(100 * frac, (ctx, f"{fmt}/f0"), (ctx, n))
+        return sorted(out)
+
+    def by_context(fmt, sel):
+        name = f"{fmt}/f{HEADLINE_FRACTION:g}/{sel}"
+        return [pt for c in contexts for pt in resolved(c, (c, f"{fmt}/f0"), (c, name))]
+
+    def style_fraction(ax, fmt):
         ax.set_title(f"{fmt}, context {ctx}")
         ax.set_xlabel("high-precision block pairs (%)")
         ax.set_xscale("log")
         ax.set_xticks([2, 5, 10, 25], ["2", "5", "10", "25"])
         ax.minorticks_off()
-    axes[0].set_ylabel("gap recovered (% of ΔNLL)")
-    axes[0].legend()
-    fig.tight_layout()
-    p = out / f"{tag}_recovery_vs_fraction.png"
-    fig.savefig(p, dpi=110)
-    paths.append(p)
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for ax, fmt in zip(axes, ("nvfp4", "mxfp4", "fp8")):
-        for sel, color in zip(("block_mean", "quest", "local"), ("C0", "C1", "C2")):
-            name = f"{fmt}/f{HEADLINE_FRACTION:g}/{sel}"
-            pts = []
-            for c in contexts:
-                if (c, name) in dnll and (c, f"{fmt}/f0") in dnll:
-                    r, rse, ok = recovery(dnll[(c, f"{fmt}/f0")], dnll[(c, name)])
-                    if ok:
-                        pts.append((c, r, rse))
-            if pts:
-                x, y, e = zip(*pts)
-                ax.errorbar(x, [100 * v for v in y], yerr=[100 * v for v in e], marker="o", color=color,
-                            label=sel, capsize=3)
-        ax.axhline(100, color="k", lw=0.6, ls=":")
-        ax.set_xscale("log", base=2)
+    def style_context(ax, fmt):
         ax.set_title(f"{fmt} at {100 * HEADLINE_FRACTION:g}% high precision")
         ax.set_xlabel("context length (tokens)")
-    axes[0].set_ylabel("gap recovered (% of ΔNLL)")
-    axes[0].legend()
-    fig.tight_layout()
-    p = out / f"{tag}_recovery_vs_context.png"
-    fig.savefig(p, dpi=110)
-    paths.append(p)
+        ax.set_xscale("log", base=2)
+
+    paths = [_recovery_panels(plt, by_fraction, style_fraction, out / f"{tag}_recovery_vs_fraction.png"),
+             _recovery_panels(plt, by_context, style_context, out / f"{tag}_recovery_vs_context.png")]
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for n in names:
