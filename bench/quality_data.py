@@ -56,14 +56,32 @@ def austen_texts(cache: Path) -> dict[str, str]:
     return texts
 
 
-def load_tokens(path: Path, tokenizer=None, cache: Optional[Path] = None) -> dict[str, np.ndarray]:
-    """``{novel: int32 token ids}``, from ``path`` or tokenized now (and saved there)."""
+PYDOCS_DEB = "python3.11-doc"
+PYDOCS_SOURCES = "usr/share/doc/python3.11/html/_sources"
+PYDOCS = ("library/stdtypes", "library/os", "howto/logging-cookbook", "reference/datamodel",
+          "library/functions")            # the longest reST sources (22k-55k tokens), eval_data.md §3
+
+
+def pydocs_texts(cache: Path) -> dict[str, str]:
+    """Python's reST documentation sources (Debian ``python3.11-doc``): a second genre for the harness."""
+    root = cache / "pydoc"
+    if not (root / PYDOCS_SOURCES).exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["apt-get", "download", PYDOCS_DEB], cwd=cache, check=True, capture_output=True)
+        deb = sorted(cache.glob(f"{PYDOCS_DEB}_*.deb"))[-1]
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    return {name.split("/")[-1]: (root / PYDOCS_SOURCES / f"{name}.rst.txt").read_text() for name in PYDOCS}
+
+
+def load_tokens(path: Path, tokenizer=None, cache: Optional[Path] = None,
+                corpus: str = "austen") -> dict[str, np.ndarray]:
+    """``{document: int32 token ids}``, from ``path`` or tokenized now (and saved there)."""
     if path.exists():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     if tokenizer is None:
         raise FileNotFoundError(f"{path} missing and no tokenizer to build it")
-    texts = austen_texts(cache or path.parent)
+    texts = (austen_texts if corpus == "austen" else pydocs_texts)(cache or path.parent)
     # No BOS: the GGUF's bos is a chat marker (eval_data.md §1); raw text is scored as is.
     toks = {k: np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=np.int32)
             for k, t in texts.items()}
@@ -72,11 +90,11 @@ def load_tokens(path: Path, tokenizer=None, cache: Optional[Path] = None) -> dic
 
 
 def windows(tokens: dict[str, np.ndarray], length: int, per_novel: int,
-            novels: tuple = NOVELS) -> list[tuple[str, np.ndarray]]:
-    """Non-overlapping windows of ``length`` tokens, ``per_novel`` from each book after ``SKIP_TOKENS``.
-    Every variant scores the same windows (paired comparison)."""
+            novels: Optional[tuple] = None) -> list[tuple[str, np.ndarray]]:
+    """Non-overlapping windows of ``length`` tokens, ``per_novel`` from each document (default: all in
+    ``tokens``) after ``SKIP_TOKENS``. Every variant scores the same windows (paired comparison)."""
     out = []
-    for name in novels:
+    for name in (novels or tuple(tokens)):
         ids = tokens[name]
         for i in range(per_novel):
             start = SKIP_TOKENS + i * length
