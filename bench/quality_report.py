@@ -77,6 +77,33 @@ def _fmt(x, digits=4, signed=False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
+PROVENANCE = {
+    "quality": "Produced by `bench/quality.py run` (2k-16k) and `run --tag quality32k --lengths 32768 "
+             "--windows-per-novel 1 --no-probes --layer-context 0` (32k, rows merged), then "
+             "`bench/quality.py report`; method and device procedure in bench/README.md. Device logs: "
+             "`quality_log_*.txt`. Code: commit 259644a plus the regional-compile mode of 7c7ec40 (kernels "
+             "unchanged between them); the later fp8 K-step accumulation fix (104b98f, docs/perf_notes.md) "
+             "is not in these fp8 numbers.",
+    "quality_pydocs": "Produced by `bench/quality.py prepare --corpus pydocs --inputs .model/pydocs_inputs.npz` "
+             "and `run --inputs .model/pydocs_inputs.npz --tag quality_pydocs --lengths 4096,8192 --no-probes "
+             "--layer-context 0` (5 longest docs of Debian python3.11-doc, 2 windows each), commit after "
+             "104b98f (fp8 K-step accumulation on).",
+}
+
+
+
+def _header(rows, variants, tag) -> list[str]:
+    env = next((v for v in variants if v.get("device")), {})
+    corpus = "Python's reST documentation (genre check)" if "pydocs" in tag else "Jane Austen's novels"
+    return [f"# Fidelity: {rows[0]['model']} on {corpus} ({tag})", "",
+            f"Device: {env.get('device', '?')}, torch {env.get('torch', '?')}. Exact = eager model, stock SDPA "
+            "(bf16). Every other variant is `torch.compile(model, backend=...)`. ΔNLL in nats per token, "
+            "mean ± standard error over windows (paired per token with exact). Recovery = "
+            "(ΔNLL_lowprec − ΔNLL_thrift)/ΔNLL_lowprec against the same format at fraction 0, jackknife SE; "
+            f"'–' where the low-precision gap is under {MIN_GAP_SE:g} SE.", "",
+            PROVENANCE.get(tag, f"Produced by `bench/quality.py run --tag {tag}` (bench/README.md)."), ""]
+
+
 def build(out: Path, tag: str) -> str:
     rows = _read(out / f"{tag}_windows.csv")
     variants = _read(out / f"{tag}_variants.csv")
@@ -88,19 +115,7 @@ def build(out: Path, tag: str) -> str:
     top1 = window_deltas(rows, "top1")
     contexts = sorted({c for c, _ in dnll})
     names = list(dict.fromkeys(v["variant"] for v in variants if v["status"] == "done"))
-    env = next((v for v in variants if v.get("device")), {})
-    lines = [f"# Fidelity: {rows[0]['model']} on Jane Austen ({tag})", "",
-             f"Device: {env.get('device', '?')}, torch {env.get('torch', '?')}. Exact = eager model, stock SDPA "
-             "(bf16). Every other variant is `torch.compile(model, backend=...)`. ΔNLL in nats per token, "
-             "mean ± standard error over windows (paired per token with exact). Recovery = "
-             "(ΔNLL_lowprec − ΔNLL_thrift)/ΔNLL_lowprec against the same format at fraction 0, jackknife SE; "
-             f"'–' where the low-precision gap is under {MIN_GAP_SE:g} SE.", "",
-             "Produced by `bench/quality.py run` (2k-16k) and `run --tag quality32k --lengths 32768 "
-             "--windows-per-novel 1 --no-probes --layer-context 0` (32k, rows merged), then "
-             "`bench/quality.py report`; method and device procedure in bench/README.md. Device logs: "
-             "`quality_log_*.txt`. Code: commit 259644a plus the regional-compile mode of 7c7ec40 (kernels "
-             "unchanged between them); the later fp8 K-step accumulation fix (104b98f, docs/perf_notes.md) "
-             "is not in these fp8 numbers.", ""]
+    lines = _header(rows, variants, tag)
 
     # 1. main table per context
     for ctx in contexts:
