@@ -192,6 +192,12 @@ class Work:
         return cls(items)
 
 
+def _rows(metrics: dict, target: slice, keys: dict) -> list[dict]:
+    """CSV rows of one scored item: whole-window means, and per position bucket for windows."""
+    pos = torch.arange(target.start, target.stop, device=metrics["nll"].device)
+    return [dict(keys, **r) for r in summarize(metrics, pos, by_bucket=keys["kind"] == "window")]
+
+
 def _progress(items, desc: str):
     """A tqdm bar on a terminal; plain iteration in logs (the device run prints one line per variant)."""
     try:
@@ -265,11 +271,9 @@ def run_variant(variant: Variant, model, rope: qd.RopeSwitch, work: Work, device
             labels = ids[0, 1:]
             sl = slice(target.start, target.stop)
             m = token_metrics(logits[sl], exact[sl], labels[sl])
-            pos = torch.arange(target.start, target.stop, device=device)
-            for r in summarize(m, pos, by_bucket=kind == "window"):
-                rows.append(dict(model=model_name, context=length, rope_factor=factor, kind=kind, item=item,
-                                 variant=variant.name, format=variant.format, fraction=variant.fraction,
-                                 selection=variant.selection, **r))
+            rows += _rows(m, target, dict(model=model_name, context=length, rope_factor=factor, kind=kind,
+                                          item=item, variant=variant.name, format=variant.format,
+                                          fraction=variant.fraction, selection=variant.selection))
             del exact, logits
     finally:
         compiled.close()
@@ -423,9 +427,8 @@ def sweep(model, model_name: str, tokens, probes, args, device, t_start: Optiona
             with torch.no_grad():
                 logits = model(input_ids=ids, use_cache=False).logits[0]
             m = token_metrics(logits[target], logits[target], ids[0, 1:][target])
-            pos = torch.arange(target.start, target.stop, device=device)
-            rows += [dict(model=model_name, context=length, rope_factor=factor, kind=kind, item=item,
-                          variant="exact", **r) for r in summarize(m, pos, kind == "window")]
+            rows += _rows(m, target, dict(model=model_name, context=length, rope_factor=factor, kind=kind,
+                                          item=item, variant="exact"))
         win_t.add(rows)
         var_t.add([dict(variant="exact", status="done", **env)])
 

@@ -184,8 +184,7 @@ def load_smollm2(gguf: Path, device, dtype=torch.bfloat16, state_cache: Optional
     if state_cache is not None and state_cache.exists():
         blob = torch.load(state_cache, map_location="cpu", weights_only=False)
         model = AutoModelForCausalLM.from_config(blob["config"], dtype=dtype, attn_implementation="sdpa")
-        model.load_state_dict(blob["state"], strict=False)
-        model.tie_weights()
+        _load_weights(model, blob["state"])
         return model.to(device).eval(), None
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -193,11 +192,20 @@ def load_smollm2(gguf: Path, device, dtype=torch.bfloat16, state_cache: Optional
     # A plain (not GGUF-flagged) copy: same weights, and it can be saved.
     config = AutoConfig.for_model(**{k: v for k, v in src.config.to_dict().items() if k != "quantization_config"})
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.load_state_dict(src.state_dict(), strict=False)
-    model.tie_weights()
+    _load_weights(model, src.state_dict())
     if state_cache is not None:
         torch.save({"config": config, "state": model.state_dict()}, state_cache)
     return model.to(device).eval(), tok
+
+
+def _load_weights(model, state: dict) -> None:
+    """Every weight must arrive (a silently random layer would make every NLL meaningless); only the
+    tied output embedding may be absent."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
 
 
 class RopeSwitch:
