@@ -91,7 +91,7 @@ def _cell(fn, flops, exact, warmup=25, rep=100):
         return float("nan"), float("nan"), float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
 
 
-def bench_row(row: Row, dtype, fractions, formats, records, with_flex=True):
+def bench_row(row: Row, dtype, fractions, formats, records, with_flex=True, p_quant="block"):
     q, k, v = make_qkv(1, HEADS, row.hkv, row.n, row.d, dtype)
     scale = row.d ** -0.5
     flops = attention_flops(1, HEADS, row.n, row.n, row.d, row.causal)
@@ -113,7 +113,7 @@ def bench_row(row: Row, dtype, fractions, formats, records, with_flex=True):
 
     for fmt in formats:
         for frac in fractions:
-            run = ThriftRun(q, k, v, ThriftConfig(format=fmt, fraction=frac), row.causal, scale)
+            run = ThriftRun(q, k, v, ThriftConfig(format=fmt, fraction=frac, p_quant=p_quant), row.causal, scale)
             prep = run.do_prepass()
             lists = run.do_select(prep)
             tag = f"thrift_{fmt}_f{frac:g}"
@@ -238,6 +238,8 @@ def main(argv=None):
     ap.add_argument("--dims", type=str, default=None, help="comma-separated head dims (default 128,64)")
     ap.add_argument("--formats", type=str, default=",".join(FORMATS))
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--p-quant", choices=("block", "microblock"), default="block",
+                    help="P quantisation of the FP4 formats (microblock: FP4 formats only)")
     ap.add_argument("--no-gqa", action="store_true")
     ap.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--merge", nargs="+", default=None, metavar="CSV",
@@ -259,7 +261,7 @@ def main(argv=None):
     records = []
     t0 = time.time()
     for row in rows:
-        bench_row(row, torch.bfloat16, FRACTIONS, formats, records, with_flex=not args.no_flex)
+        bench_row(row, torch.bfloat16, FRACTIONS, formats, records, with_flex=not args.no_flex, p_quant=args.p_quant)
         # rewritten after every row, so a run cut off by a device time limit still leaves its rows
         write_results(records, env, args.out, args, time.time() - t0)
 

@@ -63,6 +63,7 @@ class Variant:
     format: str = ""
     fraction: float = float("nan")
     selection: str = ""
+    p_quant: str = "block"
 
     @property
     def name(self) -> str:
@@ -74,18 +75,26 @@ class Variant:
 
     def options(self) -> dict:
         return {"thrift.format": self.format, "thrift.fraction": self.fraction,
-                "thrift.selection": self.selection or "block_mean"}
+                "thrift.selection": self.selection or "block_mean", "thrift.p_quant": self.p_quant}
 
     def config(self) -> ThriftConfig:
-        return ThriftConfig(format=self.format, fraction=self.fraction, selection=self.selection or "block_mean")
+        return ThriftConfig(format=self.format, fraction=self.fraction, selection=self.selection or "block_mean",
+                            p_quant=self.p_quant)
 
 
-def thrift(fmt: str, fraction: float, selection: str = "block_mean") -> Variant:
-    return Variant("thrift", fmt, float(fraction), "" if fraction == 0 else selection)
+def thrift(fmt: str, fraction: float, selection: str = "block_mean", p_quant: str = "block") -> Variant:
+    return Variant("thrift", fmt, float(fraction), "" if fraction == 0 else selection, p_quant)
 
 
-def variant_plan(preset: str) -> list[Variant]:
-    """Most important first, so a run cut short by its budget still has the headline numbers."""
+def variant_plan(preset: str, formats=FORMATS, p_quant: str = "block") -> list[Variant]:
+    """Most important first, so a run cut short by its budget still has the headline numbers. Only
+    ``formats``; ``p_quant`` for every thrift variant (one p_quant per run and tag: names omit it)."""
+    plan = _full_plan(preset)
+    return [v if v.kind != "thrift" else dataclasses.replace(v, p_quant=p_quant)
+            for v in plan if v.kind != "thrift" or v.format in formats]
+
+
+def _full_plan(preset: str) -> list[Variant]:
     plan = [Variant("inductor")]
     plan += [thrift(f, 0) for f in FORMATS]
     plan += [thrift(f, HEADLINE_FRACTION, s) for f in FORMATS for s in SELECTIONS]
@@ -287,7 +296,7 @@ def run_variant(variant: Variant, model, rope: qd.RopeSwitch, work: Work, device
     meta = dict(variant=variant.name, format=variant.format, fraction=variant.fraction,
                 selection=variant.selection, compile_s=t_compile or 0.0,
                 eval_s=time.perf_counter() - t0 - (t_compile or 0.0), rewritten=rewritten, graphs=graphs,
-                note=f"{how} {note}".strip())
+                note=f"{how} {'p_quant=' + variant.p_quant if variant.kind == 'thrift' else ''} {note}".strip())
     return rows, meta
 
 
@@ -411,7 +420,8 @@ def sweep(model, model_name: str, tokens, probes, args, device, t_start: Optiona
         lay_t = Table(out / f"{args.tag}_layers.csv", LAYER_FIELDS)
         rope.set(rope.factor_for(args.layer_context))
         name, ids = qd.windows(tokens, args.layer_context, 1)[0]
-        lvars = [thrift(f, fr) for f in FORMATS for fr in (0.0, HEADLINE_FRACTION)]
+        lvars = [thrift(f, fr, p_quant=args.p_quant) for f in args.formats.split(",")
+                 for fr in (0.0, HEADLINE_FRACTION)]
         try:
             rows = layer_errors(model, torch.as_tensor(ids, dtype=torch.long, device=device)[None], lvars)
             lay_t.add([dict(context=args.layer_context, rope_factor=rope.factor, **r) for r in rows])
@@ -433,7 +443,7 @@ def sweep(model, model_name: str, tokens, probes, args, device, t_start: Optiona
         var_t.add([dict(variant="exact", status="done", **env)])
 
     last = None
-    for variant in variant_plan(args.preset):
+    for variant in variant_plan(args.preset, tuple(args.formats.split(",")), args.p_quant):
         if variant.name in done:
             continue
         elapsed = time.perf_counter() - t_start
@@ -486,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repeat-passages", type=int, default=4)
     r.add_argument("--layer-context", type=int, default=8192, help="0: skip the per-layer errors")
     r.add_argument("--state-cache", default=None, help="save/load dequantized weights here (fast reloads)")
+    r.add_argument("--formats", default=",".join(FORMATS))
+    r.add_argument("--p-quant", choices=("block", "microblock"), default="block",
+                   help="P quantisation of every thrift variant (microblock: FP4 formats only)")
     r.add_argument("--compile", choices=("regional", "whole"), default="regional",
                    help="torch.compile each decoder layer (fast) or the whole model")
     r.add_argument("--budget-s", type=float, default=float("inf"))

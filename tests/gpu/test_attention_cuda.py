@@ -14,7 +14,7 @@ import torch
 
 from thrift_inductor import reference as ref
 from thrift_inductor.config import ThriftConfig
-from thrift_inductor.templates.attention import attention_forward
+from thrift_inductor.templates.attention import MICROBLOCK_VERIFIED_ON_GPU, attention_forward
 from thrift_inductor.templates.prepass import prepass
 from thrift_inductor.templates.select import select
 
@@ -88,4 +88,14 @@ def test_real_attention_smollm2(fmt, real_qkv):
     """Real Q/K/V (attention sinks, outlier keys, RoPE): layer 15, 3 query heads of one GQA group, 8k."""
     q, k, v, scale = (t.cuda() if torch.is_tensor(t) else t for t in real_qkv(15, q_heads=slice(0, 3)))
     out, oracle, exact = _run(q, k, v, ThriftConfig(format=fmt, fraction=0.05), True, scale=scale)
+    assert_kernel_matches_oracle(out, oracle, exact, budget=_budget(fmt))
+
+
+@pytest.mark.skipif(not MICROBLOCK_VERIFIED_ON_GPU, reason="p_quant='microblock' not enabled on sm_90")
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("n, causal", [(4096, True), (4096, False), (32768, True)])
+def test_microblock_matches_oracle(fmt, n, causal):
+    """p_quant='microblock' compiled for sm_90: the per-16/32-token P scales, bit-faithful like 'block'."""
+    q, k, v = _qkv(2, 1, n, 128, torch.bfloat16)
+    out, oracle, exact = _run(q, k, v, ThriftConfig(format=fmt, fraction=0.05, p_quant="microblock"), causal)
     assert_kernel_matches_oracle(out, oracle, exact, budget=_budget(fmt))
