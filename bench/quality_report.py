@@ -88,6 +88,10 @@ PROVENANCE = {
              "and `run --inputs .model/pydocs_inputs.npz --tag quality_pydocs --lengths 4096,8192 --no-probes "
              "--layer-context 0` (5 longest docs of Debian python3.11-doc, 2 windows each), commit after "
              "104b98f (fp8 K-step accumulation on).",
+    "quality_pmicro": "p_quant='microblock' (P with its own E4M3 / E8M0 scale per 16 / 32 tokens, docs/numerics.md "
+             "§4) for every thrift variant, FP4 formats only, same windows as `quality`: `run --tag quality_pmicro "
+             "--p-quant microblock --formats nvfp4,mxfp4 --no-probes --layer-context 8192` on the device copy with "
+             "MICROBLOCK_VERIFIED_ON_GPU flipped (bench/microblock_gpu.sh verified it first), commit after 104b98f.",
 }
 
 
@@ -145,7 +149,7 @@ def build(out: Path, tag: str) -> str:
     lines += [f"## Recovery at fraction {HEADLINE_FRACTION:g} (NLL), by context", "",
               "| format | selection | " + " | ".join(str(c) for c in contexts) + " |",
               "|---|---|" + "---|" * len(contexts)]
-    for fmt in ("nvfp4", "mxfp4", "fp8"):
+    for fmt in [f for f in ("nvfp4", "mxfp4", "fp8") if any(n.startswith(f + "/") for n in names)]:
         for sel in ("block_mean", "quest", "local"):
             cells = []
             for ctx in contexts:
