@@ -19,7 +19,7 @@ from thrift_inductor.templates.attention import (MICROBLOCK_VERIFIED_ON_GPU, Att
 from thrift_inductor.templates.prepass import prepass
 from thrift_inductor.templates.select import select
 
-from tolerances import SDPA_BF16_ATOL, SDPA_BF16_RTOL, SDPA_FP16_ATOL, SDPA_FP16_RTOL, \
+from tolerances import FP8_GPU_BUDGET, SDPA_BF16_ATOL, SDPA_BF16_RTOL, SDPA_FP16_ATOL, SDPA_FP16_RTOL, \
     assert_kernel_matches_oracle
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,10 +100,12 @@ def test_fraction_one_is_exact_attention(dtype, atol, rtol, causal):
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_fp32_inputs_match_oracle_to_reorder_noise(fmt):
     """fp32 output has no rounding floor to hide behind: the kernel math equals the oracle's (the high
-    path uses IEEE fp32 dots, the P grids are rounded like numerics.md §4)."""
+    path uses IEEE fp32 dots, the P grids are rounded like numerics.md §4). Compiled fp8 on a GPU has the
+    wgmma's in-step accumulation on top (tolerances.FP8_GPU_BUDGET)."""
     q, k, v = _qkv(2, 1, 128, 128, 64, torch.float32)
     out, oracle, exact = _run(q, k, v, ThriftConfig(format=fmt, fraction=0.5), True)
-    assert_kernel_matches_oracle(out, oracle, exact, budget=0.0)
+    budget = FP8_GPU_BUDGET if DEV.type == "cuda" and fmt == "fp8" else 0.0
+    assert_kernel_matches_oracle(out, oracle, exact, budget=budget)
 
 
 def test_hi_order_and_explicit_selection():

@@ -23,6 +23,10 @@ UNIT_ROUNDOFF = {
 # below any quantisation error (>= 1e-3 for fp8) and far above fp32 reorder noise (~1e-7 * sqrt(L)).
 FP32_REORDER_FLOOR = 1e-5
 KERNEL_BUDGET = 0.05   # kernel may be 5% of the oracle's own error away from the oracle
+# Compiled fp8 on sm_90: the wgmma sums each 32-element K-step in ~14 bits (the kernel re-accumulates in
+# fp32 between steps), flipping a few P codes; measured 3.6-5.2% of the oracle's error on H200
+# (tests/gpu/test_attention_cuda.py). The interpreter has no such floor and keeps the strict budgets.
+FP8_GPU_BUDGET = 0.08
 
 # --- oracle vs SDPA at fraction = 1 (every block on the high path) -----------------------------
 # fp32: the only differences are summation order and exp vs SDPA's softmax: rtol/atol at ~100 ulp.
