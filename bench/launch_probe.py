@@ -14,8 +14,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
 from bench.common import ThriftRun, attention_flops, bench_ms, make_qkv, tflops  # noqa: E402
 from thrift_inductor.config import ThriftConfig  # noqa: E402
 from thrift_inductor.templates import attention as attn  # noqa: E402

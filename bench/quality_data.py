@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import os
 import subprocess
 import zlib
 from pathlib import Path
