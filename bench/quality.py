@@ -228,6 +228,7 @@ class Compiled:
             thrift_backend.register()        # no-op when installed (the entry point registers "thrift")
         self.model, self.how = model, how
         self.layers = list(model.model.layers) if how == "regional" else []
+        self.compiled = []
         if how == "whole":
             self.fn = torch.compile(model, backend=backend, options=options)
         else:
@@ -247,7 +248,7 @@ class Compiled:
         try:
             return self.model(input_ids=ids, use_cache=False).logits[0]
         finally:
-            for layer, c in zip(self.layers, self.compiled if self.layers else []):
+            for layer, c in zip(self.layers, self.compiled):
                 layer._compiled_call_impl = c
 
     def close(self) -> None:

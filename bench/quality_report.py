@@ -117,6 +117,7 @@ def build(out: Path, tag: str) -> str:
     dnll = window_deltas(rows, "nll")
     kl = window_deltas(rows, "kl")
     top1 = window_deltas(rows, "top1")
+    nll_exact_by = window_deltas(rows, "nll_exact")
     contexts = sorted({c for c, _ in dnll})
     names = list(dict.fromkeys(v["variant"] for v in variants if v["status"] == "done"))
     lines = _header(rows, variants, tag)
@@ -125,7 +126,7 @@ def build(out: Path, tag: str) -> str:
     for ctx in contexts:
         n_win = len(dnll.get((ctx, "exact"), {}))
         rope = next((r["rope_factor"] for r in rows if int(r["context"]) == ctx), "1")
-        nll_exact, _ = mean_se(window_deltas(rows, "nll_exact").get((ctx, "exact"), {}).values())
+        nll_exact, _ = mean_se(nll_exact_by.get((ctx, "exact"), {}).values())
         lines += [f"## Context {ctx} ({n_win} windows, YaRN factor {float(rope):g}; exact NLL {nll_exact:.3f})", "",
                   "| variant | ΔNLL | KL(exact‖v) | top-1 agree | recovery (NLL) | recovery (KL) |",
                   "|---|---|---|---|---|---|"]
