@@ -27,7 +27,7 @@ import torch                                                   # noqa: E402
 import torch.nn.functional as F                               # noqa: E402
 
 from bench.common import (ThriftRun, attention_flops, bench_ms, environment, exact_heads, make_qkv,  # noqa: E402
-                          rel_l2, tflops)
+                          parse_launch_configs, rel_l2, tflops)
 from thrift_inductor.config import ThriftConfig                # noqa: E402
 
 FORMATS = ("fp8", "mxfp4", "nvfp4")
@@ -91,45 +91,49 @@ def _cell(fn, flops, exact, warmup=25, rep=100):
         return float("nan"), float("nan"), float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
 
 
-def bench_row(row: Row, dtype, fractions, formats, records, with_flex=True, p_quant="block"):
+def bench_row(row: Row, dtype, fractions, formats, records, with_flex=True, p_quant="block", launches=(None,)):
     q, k, v = make_qkv(1, HEADS, row.hkv, row.n, row.d, dtype)
     scale = row.d ** -0.5
     flops = attention_flops(1, HEADS, row.n, row.n, row.d, row.causal)
     exact = exact_heads(q, k, v, row.causal, scale, ERROR_HEADS)
 
-    def add(provider, ms, tf, err, note="", **extra):
-        rec = dict(row=row.name, n=row.n, causal=row.causal, d=row.d, hq=HEADS, hkv=row.hkv, provider=provider,
-                   ms=ms, tflops=tf, rel_l2=err, note=note, **extra)
+    def add(impl, fmt, frac, stage, ms, tf, err, note="", config="", **extra):
+        rec = dict(row=row.name, n=row.n, causal=row.causal, d=row.d, hq=HEADS, hkv=row.hkv, impl=impl,
+                   format=fmt, fraction=frac, stage=stage, config=config, ms=ms, tflops=tf, rel_l2=err,
+                   note=note, **extra)
         records.append(rec)
-        print(f"  {provider:<28} {ms:9.3f} ms {tf:7.1f} TF/s  err {err:.3e} {note}", flush=True)
+        label = f"{impl} {fmt} {'' if frac == '' else f'f{frac:g}'} {stage} {config}"
+        print(f"  {label:<60} {ms:9.3f} ms {tf:7.1f} TF/s  err {err:.3e} {note}", flush=True)
 
     print(row.name, flush=True)
     from torch.nn.attention import SDPBackend
     for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
         fn = _sdpa(backend)
-        add(name, *_cell(lambda: fn(q, k, v, row.causal, scale), flops, exact))
+        add(name, "bf16", "", "total", *_cell(lambda: fn(q, k, v, row.causal, scale), flops, exact))
     if with_flex and row.causal:
-        add("flex", *_cell(lambda: _flex(q, k, v, row.causal, scale), flops, exact))
+        add("flex", "bf16", "", "total", *_cell(lambda: _flex(q, k, v, row.causal, scale), flops, exact))
 
     for fmt in formats:
         for frac in fractions:
-            run = ThriftRun(q, k, v, ThriftConfig(format=fmt, fraction=frac, p_quant=p_quant), row.causal, scale)
-            prep = run.do_prepass()
-            lists = run.do_select(prep)
-            tag = f"thrift_{fmt}_f{frac:g}"
-            hi_pairs = int(lists[1].sum())
-            all_pairs = hi_pairs + int(lists[3].sum())
-            share = hi_pairs / max(all_pairs, 1)
-            ms, tf, err, note = _cell(lambda: run.do_attention(prep, lists), flops, exact)
-            add(tag + "_attn", ms, tf, err, note, hi_share=share)
-            ms_t, tf_t, _, note_t = _cell(lambda: run(), flops, None)
-            add(tag + "_total", ms_t, tf_t, err, note_t, hi_share=share)
-            if frac == fractions[0]:
-                ms_p = bench_ms(run.do_prepass)
-                ms_s = bench_ms(lambda: run.do_select(prep))
-                add(f"thrift_{fmt}_prepass", ms_p, float("nan"), float("nan"))
-                add(f"thrift_{fmt}_f{frac:g}_select", ms_s, float("nan"), float("nan"))
-            del prep, lists
+            for launch in launches:
+                run = ThriftRun(q, k, v, ThriftConfig(format=fmt, fraction=frac, p_quant=p_quant), row.causal,
+                                scale, launch=launch)
+                impl = f"thrift_{run.impl.name}"
+                desc = (launch or run.impl.configs(run.problem, "default")[0]).describe()
+                stages = run.prepare()
+                hi_pairs = int(stages.lists.hi_cnt.sum())
+                share = hi_pairs / max(hi_pairs + int(stages.lists.lo_cnt.sum()), 1)
+                ms, tf, err, note = _cell(lambda: run.do_attention(stages), flops, exact)
+                add(impl, fmt, frac, "attn", ms, tf, err, note, desc, hi_share=share)
+                ms_t, tf_t, _, note_t = _cell(lambda: run(), flops, None)
+                add(impl, fmt, frac, "total", ms_t, tf_t, err, note_t, desc, hi_share=share)
+                if frac == fractions[0] and launch is launches[0]:
+                    prep = run.do_prepass()
+                    add(impl, fmt, frac, "prepass", bench_ms(run.do_prepass), float("nan"), float("nan"))
+                    add(impl, fmt, frac, "select", bench_ms(lambda: run.do_select(prep)), float("nan"),
+                        float("nan"))
+                    del prep
+                del stages
     del q, k, v, exact
     torch.cuda.empty_cache()
 
@@ -142,70 +146,74 @@ def _ratio(x):
     return "–" if math.isnan(x) else f"{x:.2f}×"
 
 
+def _key(r) -> str:
+    frac = "" if r["fraction"] in ("", None) else f"@{float(r['fraction']):g}"
+    return f"{r['impl']} {r['format']}{frac} {r['stage']}".replace(" bf16", "")
+
+
 def write_results(records, env, out_dir, args, wall_s):
     os.makedirs(out_dir, exist_ok=True)
     gpu = env["gpu"].replace(" ", "_")
-    suffix = "_merged" if getattr(args, "merged", False) else ("_quick" if args.quick else "")
+    suffix = "_merged" if getattr(args, "merged", False) else (f"_{args.tag}" if getattr(args, "tag", "") else
+                                                                 ("_quick" if args.quick else ""))
     stem = os.path.join(out_dir, f"attention_{gpu}{suffix}")
-    keys = ["row", "n", "causal", "d", "hq", "hkv", "provider", "ms", "tflops", "rel_l2", "hi_share", "note"]
+    keys = ["row", "n", "causal", "d", "hq", "hkv", "impl", "format", "fraction", "stage", "config", "ms",
+            "tflops", "rel_l2", "hi_share", "note"]
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in records:
             w.writerow(r)
-    by = {}
-    for r in records:
-        by.setdefault(r["row"], {})[r["provider"]] = r
-    providers = [p for p in dict.fromkeys(r["provider"] for r in records)
-                 if not p.endswith("_prepass") and not p.endswith("_select")]
     if getattr(args, "merged", False):
         header = f"Merged from several runs: {env['gpu']}."
     else:
         header = (f"GPU {env['gpu']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, "
                   f"commit {env['commit']}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
                   f"bench wall {wall_s:.0f} s.")
-    lines = [f"# Attention forward: ThriftAttention vs SDPA / FlexAttention",
-             "",
+    lines = ["# Attention forward: ThriftAttention vs SDPA / FlexAttention", "",
              header + " dtype bf16, B=1, H=32 (GQA row: 8 kv heads), random normal inputs.",
              "Cells: TFLOP/s (4·B·H·N²·D, halved when causal) / relative L2 error vs fp64 exact on query head 0. "
-             "`_attn` = attention kernel alone on precomputed prepass + selection; `_total` = prepass + "
-             "selection + attention.",
-             ""]
-    lines.append("| row | " + " | ".join(providers) + " |")
-    lines.append("|---" * (len(providers) + 1) + "|")
+             "Stage `attn` = attention kernel alone on precomputed prepass + selection; `total` = the whole op "
+             "(prepass + selection + attention). Launch config in the CSV's `config` column.", ""]
+    by, cols = {}, []
+    for r in records:
+        if r["stage"] in ("prepass", "select"):
+            continue
+        key = _key(r) + (f" [{r['config']}]" if len({x.get("config") for x in records
+                                                      if _key(x) == _key(r)}) > 1 else "")
+        cols.append(key)
+        by.setdefault(r["row"], {})[key] = r
+    cols = list(dict.fromkeys(cols))
+    lines.append("| row | " + " | ".join(cols) + " |")
+    lines.append("|---" * (len(cols) + 1) + "|")
     for row, cells in by.items():
-        vals = []
-        for p in providers:
-            c = cells.get(p)
-            vals.append("–" if c is None else f"{_fmt(c['tflops'], '.0f')} / {_fmt(c['rel_l2'], '.1e')}")
+        vals = ["–" if cells.get(c) is None else f"{_fmt(cells[c]['tflops'], '.0f')} / {_fmt(cells[c]['rel_l2'], '.1e')}"
+                for c in cols]
         lines.append(f"| {row} | " + " | ".join(vals) + " |")
-    lines += ["", "## Stage times (ms) and shares of the fraction-0.05 pipeline", "",
-              "| row | format | prepass | selection | attention | total | (prepass+selection)/total | hi share |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Whole op (`total`) vs cuDNN, same run", "", "| row | " + " | ".join(
+        c for c in cols if c.endswith("total") and c.startswith("thrift")) + " |"]
+    tcols = [c for c in cols if c.endswith("total") and c.startswith("thrift")]
+    lines.append("|---" * (len(tcols) + 1) + "|")
     for row, cells in by.items():
-        for fmt in FORMATS:
-            p, s = cells.get(f"thrift_{fmt}_prepass"), cells.get(f"thrift_{fmt}_f0.05_select")
-            a, t = cells.get(f"thrift_{fmt}_f0.05_attn"), cells.get(f"thrift_{fmt}_f0.05_total")
-            if not (p and s and a and t):
-                continue
-            lines.append(f"| {row} | {fmt} | {p['ms']:.3f} | {s['ms']:.3f} | {a['ms']:.3f} | {t['ms']:.3f} | "
-                         f"{(p['ms'] + s['ms']) / t['ms']:.1%} | {a.get('hi_share', float('nan')):.3f} |")
-    lines += ["", "## Ratios (same run)", "",
-              "| row | fp8@5% / cuDNN | mxfp4@5% / cuDNN | nvfp4@5% / cuDNN | fp8 @5% / @0 | mxfp4 @5% / @0 | "
-              "nvfp4 @5% / @0 | fp8@5% total / cuDNN |",
+        cud = cells.get("sdpa_cudnn total", {}).get("ms", float("nan"))
+        lines.append(f"| {row} | " + " | ".join(_ratio(cud / cells[c]["ms"]) if c in cells else "–"
+                                                  for c in tcols) + " |")
+    lines += ["", "## Stage times (ms), first launch config", "",
+              "| row | impl | format | fraction | prepass | selection | total | (prepass+selection)/total |",
               "|---|---|---|---|---|---|---|---|"]
-    for row, cells in by.items():
-        cud = cells.get("sdpa_cudnn", {}).get("ms", float("nan"))
-
-        def ms(p):
-            return cells.get(p, {}).get("ms", float("nan"))
-        sp = [cud / ms(f"thrift_{f}_f0.05_attn") for f in FORMATS]
-        rel = [ms(f"thrift_{f}_f0.05_attn") / ms(f"thrift_{f}_f0_attn") for f in FORMATS]
-        tot = cud / ms("thrift_fp8_f0.05_total")
-        lines.append(f"| {row} | " + " | ".join(_ratio(x) for x in sp + rel + [tot]) + " |")
+    for r in records:
+        if r["stage"] != "prepass":
+            continue
+        same = [x for x in records if x["row"] == r["row"] and x["impl"] == r["impl"]
+                and x["format"] == r["format"] and x["fraction"] == r["fraction"]]
+        sel = next((x for x in same if x["stage"] == "select"), None)
+        tot = next((x for x in same if x["stage"] == "total"), None)
+        if sel and tot:
+            lines.append(f"| {r['row']} | {r['impl']} | {r['format']} | {r['fraction']} | {r['ms']:.3f} | "
+                         f"{sel['ms']:.3f} | {tot['ms']:.3f} | {(r['ms'] + sel['ms']) / tot['ms']:.1%} |")
     notes = [r for r in records if r.get("note")]
     if notes:
-        lines += ["", "## Failures", ""] + [f"- {r['row']} {r['provider']}: {r['note']}" for r in notes]
+        lines += ["", "## Failures", ""] + [f"- {r['row']} {_key(r)}: {r['note']}" for r in notes]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("wrote", stem + ".csv", stem + ".md")
@@ -215,6 +223,7 @@ def _parse(rec):
     out = dict(rec)
     for key in ("n", "d", "hq", "hkv"):
         out[key] = int(rec[key])
+    out["fraction"] = float(rec["fraction"]) if rec.get("fraction") not in (None, "") else ""
     for key in ("ms", "tflops", "rel_l2", "hi_share"):
         out[key] = float(rec[key]) if rec.get(key) not in (None, "") else float("nan")
     out["causal"] = rec["causal"] == "True"
@@ -241,6 +250,11 @@ def main(argv=None):
     ap.add_argument("--p-quant", choices=("block", "microblock"), default="block",
                     help="P quantisation of the FP4 formats (microblock: FP4 formats only)")
     ap.add_argument("--no-gqa", action="store_true")
+    ap.add_argument("--configs", type=str, default=None,
+                    help="launch configs to A/B, 'block_m,warps,stages[,hi_stages];...' (default: the impl's)")
+    ap.add_argument("--fractions", type=str, default=None, help="comma-separated (default 0.05,0)")
+    ap.add_argument("--causal-only", action="store_true")
+    ap.add_argument("--tag", type=str, default="", help="file name suffix")
     ap.add_argument("--out", type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--merge", nargs="+", default=None, metavar="CSV",
                     help="no GPU: rebuild one table from CSVs of earlier runs (same machine) into --out")
@@ -255,13 +269,16 @@ def main(argv=None):
     formats = args.formats.split(",")
     env = environment()
     print(env, flush=True)
-    rows = [Row(n, c, d) for d in dims for n in ns for c in (True, False)]
+    rows = [Row(n, c, d) for d in dims for n in ns for c in ((True,) if args.causal_only else (True, False))]
+    fractions = tuple(float(x) for x in args.fractions.split(",")) if args.fractions else FRACTIONS
+    launches = parse_launch_configs(args.configs)
     if not args.no_gqa:
         rows.append(Row(32768 if 32768 in ns else ns[-1], True, 128, GQA_KV_HEADS))
     records = []
     t0 = time.time()
     for row in rows:
-        bench_row(row, torch.bfloat16, FRACTIONS, formats, records, with_flex=not args.no_flex, p_quant=args.p_quant)
+        bench_row(row, torch.bfloat16, fractions, formats, records, with_flex=not args.no_flex, p_quant=args.p_quant,
+                  launches=launches)
         # rewritten after every row, so a run cut off by a device time limit still leaves its rows
         write_results(records, env, args.out, args, time.time() - t0)
 

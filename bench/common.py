@@ -15,10 +15,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:            # run as `python bench/attention.py` from a checkout without install
     sys.path.insert(0, REPO)
 
+from thrift_inductor import pipeline                             # noqa: E402
 from thrift_inductor import reference as ref                      # noqa: E402
 from thrift_inductor.config import ThriftConfig                   # noqa: E402
-from thrift_inductor.templates.attention import attention_forward  # noqa: E402
-from thrift_inductor.templates.prepass import prepass, prepass_torch  # noqa: E402
 
 
 def attention_flops(b: int, h: int, lq: int, lk: int, d: int, causal: bool) -> float:
@@ -33,40 +32,55 @@ def make_qkv(b: int, hq: int, hkv: int, n: int, d: int, dtype=torch.bfloat16, de
     return mk(hq), mk(hkv), mk(hkv)
 
 
-def select(prep, lq: int, lk: int, cfg: ThriftConfig, causal: bool, use_torch: bool = False):
-    """The four block lists (docs/kernels.md §2) from the prepass statistics: the Triton selection
-    kernel, or its torch twin built on the oracle."""
-    from thrift_inductor.templates import select as sel
-    fn = sel.select_torch if use_torch else sel.select
-    return tuple(fn(prep, lq, lk, is_causal=causal, config=cfg))
+def parse_launch_configs(text: Optional[str]) -> list:
+    """``"128,8,3;64,4,3,rescale_slack=0"`` -> TritonConfigs (block_m, num_warps, num_stages, then optional
+    field=value pairs); None/"" -> [None] (the implementation's default). Speed A/Bs set launch configs
+    by argument, never by editing a kernel."""
+    if not text:
+        return [None]
+    from thrift_inductor.kernels.triton.configs import TritonConfig
+    out = []
+    for part in text.split(";"):
+        pos = [int(x) for x in part.split(",") if "=" not in x]
+        kw = {k: float(v) if k == "rescale_slack" else int(v)
+              for k, v in (x.split("=") for x in part.split(",") if "=" in x)}
+        out.append(TritonConfig(*pos, **kw))
+    return out
 
 
 @dataclasses.dataclass
 class ThriftRun:
-    """The three stages, callable separately for timing; ``stages()`` runs prepass + selection."""
+    """The three stages of ``pipeline`` (the one the op runs), callable separately for timing."""
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     cfg: ThriftConfig
     causal: bool
     scale: float
-    use_torch_prepass: bool = False     # torch twins of prepass + selection (debugging only)
+    launch: Optional[object] = None     # a launch config of the implementation (None: its default)
+    impl_name: Optional[str] = None
+
+    def __post_init__(self):
+        self.problem = pipeline.make_problem(self.q, self.k, self.v, is_causal=self.causal, config=self.cfg)
+        self.impl = pipeline.implementation(self.problem, self.impl_name)
+
+    def prepare(self):
+        """Prepass + selection -> ``pipeline.Stages`` (operands in contract order)."""
+        return pipeline.prepare(self.q, self.k, self.v, is_causal=self.causal, config=self.cfg, impl=self.impl)
 
     def do_prepass(self):
-        fn = prepass_torch if self.use_torch_prepass else prepass
-        return fn(self.q, self.k, self.v, self.cfg.format, self.cfg.block_size)
+        from thrift_inductor.kernels.prepass import prepass
+        return prepass(self.q, self.k, self.v, self.cfg.format, self.cfg.block_size)
 
     def do_select(self, prep):
-        return select(prep, self.q.shape[2], self.k.shape[2], self.cfg, self.causal, self.use_torch_prepass)
+        from thrift_inductor.kernels.select import select
+        return select(prep, self.q.shape[2], self.k.shape[2], is_causal=self.causal, config=self.cfg)
 
-    def do_attention(self, prep, lists, **launch):
-        return attention_forward(self.q, self.k, self.v, prep.q_lo, prep.q_scale, prep.k_lo, prep.k_scale,
-                                 prep.v_lo_t, prep.v_scale, *lists, scale=self.scale, is_causal=self.causal,
-                                 cfg=self.cfg, **launch)
+    def do_attention(self, stages):
+        return self.impl.launch(stages.operands, self.problem, self.scale, self.launch)
 
-    def __call__(self, **launch):
-        prep = self.do_prepass()
-        return self.do_attention(prep, self.do_select(prep), **launch)
+    def __call__(self):
+        return self.do_attention(self.prepare())
 
 
 def rel_l2(x: torch.Tensor, y: torch.Tensor) -> float:

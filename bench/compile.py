@@ -1,15 +1,21 @@
 """Compile-time and kernel-choice benchmark for ``backend="thrift"`` (GPU).
 
-Part 1, compile: a 4-layer causal attention model, compiled in fresh subprocesses, at each sequence length:
-  cold        empty Inductor cache dir, empty autotune store   (full compile + autotune benchmarking)
-  warm_local  the cold run's cache dir                          (FX graph cache hit: no compile)
-  warm_store  a new empty cache dir, the cold run's store       (full compile, no benchmarking)
-Reported: seconds to the first output, thrift counters, Inductor autotune/cache counters.
+Part 1, compile and cache sharing (issue 14): a Llama-3-8B-dims causal GQA model (``--layers`` blocks of
+attention + SwiGLU MLP), compiled in fresh subprocesses, per mode (default, max-autotune) and length:
+  cold          empty Inductor cache dir and autotune store; writes Redis (when a redis-server can be
+                started) and exports a cache archive after its first output
+  warm_local    the cold run's cache dir and store                 (local FX graph cache hit)
+  warm_redis    new empty cache dir and store, the cold run's Redis (remote FX graph / autotune hits)
+  warm_archive  new empty cache dir and store, the cold run's archive imported first (mega-cache)
+Reported: seconds to the first output, the process wall time, autotune benchmarks actually run
+(``AlgorithmSelectorCache`` calls that benchmarked and runtime ``benchmark_all_configs`` calls, counted
+in the child: Inductor's ``select_algorithm_autotune`` counter replays the cold run's count on a cache
+hit), FX cache hits/misses, thrift store hits/misses.
 
 Part 2, kernels: one attention call compiled with only the template (default config) vs only the eager
 fallback op (``lowering.kernel_choices``), timed with ``do_bench`` (median ms).
 
-    PYTHONPATH=. python bench/compile.py [--lengths 2048 8192] [--out bench/results]
+    PYTHONPATH=. python bench/compile.py [--lengths 8192 32768] [--modes default max-autotune] [--out bench/results]
 Writes ``compile.csv`` (long format: one row per measurement, with device and versions) and ``compile.md``.
 """
 from __future__ import annotations
@@ -18,6 +24,8 @@ import argparse
 import csv
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,79 +41,154 @@ if str(REPO) not in sys.path:
 
 from bench.common import bench_ms, environment  # noqa: E402
 
-LAYERS = 4
-DIM, HEADS, KV_HEADS, HEAD_DIM = 1024, 8, 2, 128
+LAYERS = 2
+DIM, HEADS, KV_HEADS, HEAD_DIM, MLP_DIM = 4096, 32, 8, 128, 14336     # Llama-3-8B
 BATCH = 1
 FRACTION = 0.05
-CHILD_TIMEOUT_S = 300
+MODES = ("default", "max-autotune")
+PHASES = ("cold", "warm_local", "warm_redis", "warm_archive")
+CHILD_TIMEOUT_S = 1800           # a cold max-autotune compile at 32k benchmarks many GEMM configs
+REDIS_START_TIMEOUT_S = 10.0
+REDIS_POLL_S = 0.05
+# Kernel-choice part: the 4-layer model's attention shape of the earlier results (bench/results/compile.md).
+KERNEL_HEADS, KERNEL_KV_HEADS = 8, 2
 
 # The child compiles the model once and reports. Kept as text so each phase gets a brand-new process.
+# argv: length, mode, archive to import before compiling ("-": none), archive to export after ("-": none).
 CHILD = textwrap.dedent("""
     import json, sys, time, torch, torch.nn as nn, torch.nn.functional as F
     from torch._dynamo.utils import counters
-    from thrift_inductor import backend
+    from torch._inductor import select_algorithm
+    from torch._inductor.runtime import triton_heuristics
+    from thrift_inductor import backend, cli
     backend.register()
-    L, D, H, HKV, HD, LAYERS, FRACTION = (int(sys.argv[1]), {dim}, {heads}, {kv_heads}, {head_dim}, {layers},
-                                          {fraction})
+    L, MODE, IMPORT, EXPORT = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    D, H, HKV, HD, MLP, LAYERS, FRACTION = {dim}, {heads}, {kv_heads}, {head_dim}, {mlp}, {layers}, {fraction}
+
+    calls = {{"selections": 0, "runtime_autotune": 0}}
+    def count(cls, name, key):
+        inner = getattr(cls, name)
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return inner(*args, **kwargs)
+        setattr(cls, name, wrapper)
+    count(select_algorithm.AlgorithmSelectorCache, "__call__", "selections")
+    count(triton_heuristics.CachingAutotuner, "benchmark_all_configs", "runtime_autotune")
+    if IMPORT != "-":
+        cli.import_cache(IMPORT)
 
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
             self.qkv = nn.Linear(D, (H + 2 * HKV) * HD, bias=False)
             self.out = nn.Linear(H * HD, D, bias=False)
+            self.up = nn.Linear(D, 2 * MLP, bias=False)
+            self.down = nn.Linear(MLP, D, bias=False)
         def forward(self, x):
             b, n, _ = x.shape
-            q, k, v = self.qkv(x).split([H * HD, HKV * HD, HKV * HD], dim=-1)
+            q, k, v = self.qkv(F.rms_norm(x, (D,))).split([H * HD, HKV * HD, HKV * HD], dim=-1)
             q = q.view(b, n, H, HD).transpose(1, 2)
             k = k.view(b, n, HKV, HD).transpose(1, 2)
             v = v.view(b, n, HKV, HD).transpose(1, 2)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            return x + self.out(y.transpose(1, 2).reshape(b, n, H * HD))
+            x = x + self.out(y.transpose(1, 2).reshape(b, n, H * HD))
+            gate, up = self.up(F.rms_norm(x, (D,))).chunk(2, dim=-1)
+            return x + self.down(F.silu(gate) * up)
 
+    torch.manual_seed(0)
     model = nn.Sequential(*[Block() for _ in range(LAYERS)]).cuda().to(torch.bfloat16)
     x = torch.randn({batch}, L, D, device="cuda", dtype=torch.bfloat16)
-    fn = torch.compile(model, backend="thrift", options={{"thrift.fraction": FRACTION}})
+    options = {{"thrift.fraction": FRACTION}}
+    if MODE == "max-autotune":
+        options["max_autotune"] = True        # torch.compile takes mode= or options=, not both
+    fn = torch.compile(model, backend="thrift", options=options)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
         fn(x)
     torch.cuda.synchronize()
     secs = time.perf_counter() - t0
+    selections_benchmarked = counters["inductor"]["select_algorithm_autotune"] if calls["selections"] else 0
+    if EXPORT != "-":
+        cli.export_cache(EXPORT)
     ind = counters["inductor"]
     print("RESULT", json.dumps({{"seconds": secs, "thrift": dict(counters["thrift"]),
-        "autotune": ind["select_algorithm_autotune"], "fx_hit": ind["fxgraph_cache_hit"],
+        "autotune": selections_benchmarked, "runtime_autotune": calls["runtime_autotune"],
+        "selections": calls["selections"], "fx_hit": ind["fxgraph_cache_hit"],
         "fx_miss": ind["fxgraph_cache_miss"]}}))
-""").format(dim=DIM, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, layers=LAYERS, fraction=FRACTION,
-            batch=BATCH)
+""").format(dim=DIM, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, mlp=MLP_DIM, layers=LAYERS,
+            fraction=FRACTION, batch=BATCH)
 
 
-def run_child(length: int, cache_dir: Path, store: Path) -> dict:
+def start_redis(work: Path):
+    """(process, URL) of a throwaway loopback redis-server, or (None, None) when none can be started."""
+    binary = shutil.which("redis-server")
+    try:
+        import redis
+    except ImportError:
+        return None, None
+    if binary is None:
+        return None, None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                             "no", "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            client.ping()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(REDIS_POLL_S)
+    proc.kill()
+    return None, None
+
+
+def run_child(length: int, mode: str, cache_dir: Path, store: Path, redis_url, import_path=None,
+              export_path=None) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "THRIFT_AUTOTUNE_STORE": str(store)}
     env.pop("THRIFT_REDIS_URL", None)
+    if redis_url:
+        env["THRIFT_REDIS_URL"] = redis_url
+    args = [str(length), mode, str(import_path or "-"), str(export_path or "-")]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(length)], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True,
                           timeout=CHILD_TIMEOUT_S)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"child failed (L={length}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"child failed (L={length}, {mode}):\n{proc.stderr[-4000:]}")
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
     return {**json.loads(line[len("RESULT "):]), "process_seconds": wall}
 
 
-def compile_phases(length: int, work: Path) -> list[dict]:
-    store = work / f"store_{length}.json"
-    cold_dir, fresh_dir = work / f"cold_{length}", work / f"fresh_{length}"
+def compile_phases(length: int, mode: str, work: Path, redis_url) -> list[dict]:
+    tag = f"{mode}_{length}"
+    store, archive = work / f"store_{tag}.json", work / f"archive_{tag}.zip"
+    cold_dir = work / f"cold_{tag}"
+    plan = {  # phase -> (cache dir, store, Redis URL, import archive, export archive)
+        "cold": (cold_dir, store, redis_url, None, archive),
+        "warm_local": (cold_dir, store, None, None, None),
+        "warm_redis": (work / f"redis_{tag}", work / f"store_redis_{tag}.json", redis_url, None, None),
+        "warm_archive": (work / f"archive_{tag}", work / f"store_archive_{tag}.json", None, archive, None),
+    }
     rows = []
-    for phase, cache_dir in (("cold", cold_dir), ("warm_local", cold_dir), ("warm_store", fresh_dir)):
-        try:
-            r = run_child(length, cache_dir, store)
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:   # record and go on: other phases still tell
-            print(f"  L={length} {phase} FAILED: {str(exc)[-1500:]}", flush=True)
+    for phase in PHASES:
+        cache_dir, phase_store, url, import_path, export_path = plan[phase]
+        if phase == "warm_redis" and not url:
+            print(f"  L={length} {mode} warm_redis skipped: no redis-server / redis package here", flush=True)
             continue
-        print(f"  L={length} {phase:<10} first call {r['seconds']:.1f}s (process {r['process_seconds']:.1f}s) "
-              f"autotune={r['autotune']} fx_hit={r['fx_hit']} thrift={r['thrift']}", flush=True)
-        rows.append({"phase": phase, "seq_len": length, **r})
+        try:
+            r = run_child(length, mode, cache_dir, phase_store, url, import_path, export_path)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:   # record and go on: other phases still tell
+            print(f"  L={length} {mode} {phase} FAILED: {str(exc)[-1500:]}", flush=True)
+            continue
+        print(f"  L={length} {mode:<12} {phase:<12} first call {r['seconds']:.1f}s (process "
+              f"{r['process_seconds']:.1f}s) autotune={r['autotune']} runtime_autotune={r['runtime_autotune']} "
+              f"fx_hit={r['fx_hit']} thrift={r['thrift']}", flush=True)
+        rows.append({"phase": phase, "mode": mode, "seq_len": length, **r})
     return rows
 
 
@@ -135,16 +218,19 @@ def kernel_times(length: int) -> dict:
     import torch.nn.functional as F
     from torch._inductor.utils import fresh_cache, run_and_get_code
 
-    from thrift_inductor import backend, heuristics, lowering
+    from thrift_inductor import backend, lowering
+    from thrift_inductor.kernels.triton.configs import default_config
+    from thrift_inductor.problem import arch_of
     backend.register()
-    q = torch.randn(BATCH, HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(BATCH, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(BATCH, KERNEL_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(BATCH, KERNEL_KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
 
     def attn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-    arch = heuristics.arch_of(q.device)
-    default = heuristics.default_config(arch, q.dtype, HEAD_DIM, "nvfp4", 64)
+    arch = arch_of(q.device)
+    default = default_config(arch, q.dtype, HEAD_DIM, "nvfp4", 64)
     times = {}
     for name, configs, fallback in (("template", [default], False), ("fallback", [], True)):
         torch._dynamo.reset()
@@ -167,8 +253,8 @@ def write_results(out_dir: Path, compile_rows: list[dict], kernel_rows: dict, en
         w = csv.DictWriter(f, fieldnames=["benchmark", "seq_len", "variant", "metric", "value", *base])
         w.writeheader()
         for r in compile_rows:
-            for metric in ("seconds", "process_seconds", "autotune", "fx_hit"):
-                w.writerow({"benchmark": "compile", "seq_len": r["seq_len"], "variant": r["phase"],
+            for metric in ("seconds", "process_seconds", "autotune", "runtime_autotune", "fx_hit", "fx_miss"):
+                w.writerow({"benchmark": "compile", "seq_len": r["seq_len"], "variant": f"{r['mode']}/{r['phase']}",
                             "metric": metric, "value": r[metric], **base})
         for length, times in kernel_rows.items():
             for variant, value in times.items():
@@ -177,16 +263,21 @@ def write_results(out_dir: Path, compile_rows: list[dict], kernel_rows: dict, en
                             "metric": metric, "value": value, **base})
     lines = [f"# backend=thrift compile and kernel-choice benchmark",
              "", f"{env['gpu']}, torch {env['torch']}, Triton {env['triton']}, commit {env['commit']}. "
-             f"Model: {LAYERS} layers, dim {DIM}, {HEADS} q heads / {KV_HEADS} kv heads of {HEAD_DIM}, batch "
-             f"{BATCH}, bf16, causal, nvfp4, fraction {FRACTION}.", "",
-             "## Compile (seconds to first output, fresh process)", "",
-             "| seq len | phase | first call s | process s | autotune benchmarks | FX cache hits | store |",
-             "|---|---|---|---|---|---|---|"]
+             f"Model: {LAYERS} Llama-3-8B blocks (dim {DIM}, {HEADS} q heads / {KV_HEADS} kv heads of {HEAD_DIM}, "
+             f"SwiGLU {MLP_DIM}), batch {BATCH}, bf16, causal, nvfp4, fraction {FRACTION}.", "",
+             "## Compile and cache sharing (seconds to first output, fresh process)", "",
+             "cold: empty caches (writes Redis, exports the archive); warm_local: the cold cache dir; "
+             "warm_redis: empty local caches + the cold run's Redis; warm_archive: empty local caches + "
+             "`cache import` of the cold run's archive. Benchmarks = selections that benchmarked "
+             "(Inductor GEMMs and thrift) / runtime autotunes (multi-config Triton kernels), counted in the child.", "",
+             "| mode | seq len | phase | first call s | process s | benchmarks | runtime autotunes | FX hit/miss "
+             "| thrift store |", "|---|---|---|---|---|---|---|---|---|"]
     for r in compile_rows:
         store = ", ".join(f"{k.removeprefix('autotune_store_')}={v}" for k, v in r["thrift"].items()
                           if k.startswith("autotune_store"))
-        lines.append(f"| {r['seq_len']} | {r['phase']} | {r['seconds']:.1f} | {r['process_seconds']:.1f} | "
-                     f"{r['autotune']} | {r['fx_hit']} | {store} |")
+        lines.append(f"| {r['mode']} | {r['seq_len']} | {r['phase']} | {r['seconds']:.1f} | "
+                     f"{r['process_seconds']:.1f} | {r['autotune']} | {r['runtime_autotune']} | "
+                     f"{r['fx_hit']}/{r['fx_miss']} | {store} |")
     lines += ["", "## One attention call, template vs eager fallback (ms)", "",
               "wall = do_bench median of the whole compiled call (prepass + selection + attention, incl. launch "
               "overhead); device = profiler sum of GPU kernel time per call; attn = the attention kernel alone.", "",
@@ -203,9 +294,11 @@ def write_results(out_dir: Path, compile_rows: list[dict], kernel_rows: dict, en
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--skip-kernels", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/compile.py needs a CUDA GPU")
@@ -213,13 +306,22 @@ def main() -> None:
     print(env, flush=True)
     compile_rows, kernel_rows = [], {}
     with tempfile.TemporaryDirectory(prefix="thrift_compile_bench_") as work:
-        if not args.skip_compile:
-            for length in args.lengths:
-                compile_rows += compile_phases(length, Path(work))
+        redis_proc, redis_url = (None, None) if args.skip_compile else start_redis(Path(work))
+        print(f"redis: {redis_url or 'none (warm_redis skipped)'}", flush=True)
+        try:
+            if not args.skip_compile:
+                for mode in args.modes:
+                    for length in args.lengths:
+                        compile_rows += compile_phases(length, mode, Path(work), redis_url)
+        finally:
+            if redis_proc is not None:
+                redis_proc.terminate()
+                redis_proc.wait()
         os.environ["THRIFT_AUTOTUNE_STORE"] = str(Path(work) / "kernel_store.json")
-        for length in args.lengths:
-            kernel_rows[length] = kernel_times(length)
-            print(f"  L={length} kernel ms {kernel_rows[length]}", flush=True)
+        if not args.skip_kernels:
+            for length in args.lengths:
+                kernel_rows[length] = kernel_times(length)
+                print(f"  L={length} kernel ms {kernel_rows[length]}", flush=True)
     write_results(args.out, compile_rows, kernel_rows, env)
     print((args.out / "compile.md").read_text())
 

@@ -37,8 +37,10 @@ def _bad(**over):
     ({}, dict(enable_gqa=False), ValueError, "enable_gqa"),
     (dict(q=torch.zeros(1, 3, 64, 64)), dict(enable_gqa=True), ValueError, "multiple"),
     ({}, dict(enable_gqa=True, fraction=1.5), ValueError, "fraction"),
+    (dict(q=torch.zeros(1, 4, 64, 40), k=torch.zeros(1, 2, 64, 40), v=torch.zeros(1, 2, 64, 40)),
+     dict(enable_gqa=True), ValueError, "multiple of 16"),
     (dict(q=torch.zeros(1, 4, 64, 48), k=torch.zeros(1, 2, 64, 48), v=torch.zeros(1, 2, 64, 48)),
-     dict(enable_gqa=True), ValueError, "divisible by 32"),
+     dict(enable_gqa=True, format="mxfp4"), ValueError, "multiple of 32"),
     ({}, dict(enable_gqa=True, colour="red"), TypeError, "unknown"),
 ])
 def test_clear_errors(change, kwargs, error, match):

@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import time
 import warnings
 
 import pytest
 import torch
+from conftest_redis import free_port, redis_server, redis_url, start_redis  # noqa: F401  (fixtures)
 
 from thrift_inductor import autotune_store as store
-from thrift_inductor.heuristics import AttnKernelConfig
-
-REDIS_START_TIMEOUT_S = 10.0
+from thrift_inductor.kernels.triton.configs import TritonConfig
 
 
 def make_key(**changes) -> store.StoreKey:
@@ -24,42 +19,9 @@ def make_key(**changes) -> store.StoreKey:
     return store.StoreKey.for_problem(**fields)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(autouse=True)
 def no_cached_stores(monkeypatch):
     monkeypatch.setattr(store, "_STORES", {})
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    """A throwaway redis-server on 127.0.0.1 (no persistence), stopped after the test."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server binary not installed")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    redis = pytest.importorskip("redis")
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.skip("redis-server did not start")
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def test_seq_bucket_is_next_power_of_two():
@@ -81,13 +43,13 @@ def test_local_round_trip(tmp_path):
     local = store.LocalStore(path)
     key = make_key()
     assert local.get(key) is None
-    entry = store.template_entry(AttnKernelConfig(64, 4, 3).to_dict(), 0.25)
+    entry = store.template_entry(TritonConfig(64, 4, 3).to_dict(), 0.25)
     local.put(key, entry)
     local.put(make_key(causal=False), store.fallback_entry(0.5))
     fresh = store.LocalStore(path)                      # a new process reads the same file
     assert fresh.get(key) == entry
     assert fresh.get(make_key(causal=False))["choice"] == "fallback"
-    assert AttnKernelConfig.from_dict(fresh.get(key)["config"]) == AttnKernelConfig(64, 4, 3)
+    assert TritonConfig.from_dict(fresh.get(key)["config"]) == TritonConfig(64, 4, 3)
 
 
 def test_env_selects_local_path(tmp_path, monkeypatch):
@@ -99,15 +61,26 @@ def test_env_selects_local_path(tmp_path, monkeypatch):
     assert s.remote is None
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 999, "entries": {}}),
-                                     json.dumps({"version": 1, "entries": {"x": 1}})])
-def test_corrupt_or_foreign_files_read_as_empty(tmp_path, content):
+@pytest.mark.parametrize("content, why", [("{not json", "unreadable"), ('{"version": 1, "entr', "unreadable"),
+                                          (json.dumps({"version": 999, "entries": {}}), "format 999"),
+                                          (json.dumps([1, 2]), "format 'list'")])
+def test_corrupt_truncated_or_foreign_files_are_refused_with_a_warning(tmp_path, content, why):
     path = tmp_path / "store.json"
     path.write_text(content)
     local = store.LocalStore(path)
-    assert local.get(make_key()) is None
-    local.put(make_key(), store.fallback_entry(1.0))     # and writing repairs the file
+    with pytest.warns(RuntimeWarning, match=why):
+        assert local.get(make_key()) is None
+    with pytest.warns(RuntimeWarning, match=why):
+        local.put(make_key(), store.fallback_entry(1.0))     # and writing repairs the file
     assert local.get(make_key()) is not None
+
+
+def test_invalid_entries_in_a_valid_file_are_skipped_silently(tmp_path):
+    path = tmp_path / "store.json"
+    path.write_text(json.dumps({"version": store.FORMAT_VERSION, "entries": {make_key().text(): 1}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.LocalStore(path).get(make_key()) is None
 
 
 def test_invalid_entries_are_ignored(tmp_path):
@@ -119,7 +92,7 @@ def test_invalid_entries_are_ignored(tmp_path):
 def test_redis_round_trip_is_shared(tmp_path, monkeypatch, redis_url):
     monkeypatch.setenv(store.REDIS_ENV, redis_url)
     monkeypatch.setenv(store.STORE_ENV, str(tmp_path / "machine_a.json"))
-    entry = store.template_entry(AttnKernelConfig(32, 4, 2).to_dict(), 0.125)
+    entry = store.template_entry(TritonConfig(32, 4, 2).to_dict(), 0.125)
     store.open_store().put(make_key(), entry)
     # "Another machine": a different, empty local file, same Redis.
     monkeypatch.setenv(store.STORE_ENV, str(tmp_path / "machine_b.json"))
@@ -127,6 +100,36 @@ def test_redis_round_trip_is_shared(tmp_path, monkeypatch, redis_url):
     assert other.remote is not None
     assert other.get(make_key()) == entry
     assert other.local.get(make_key()) is None
+
+
+def test_scoped_url_overrides_the_environment(tmp_path, monkeypatch, redis_url):
+    """``remote_cache.shared_caches`` scopes a compile to a URL (an options= key) without the env."""
+    monkeypatch.setenv(store.STORE_ENV, str(tmp_path / "local.json"))
+    monkeypatch.delenv(store.REDIS_ENV, raising=False)
+    with store.scoped_redis_url(redis_url):
+        assert store.open_store().remote.url == redis_url
+    assert store.open_store().remote is None
+    monkeypatch.setenv(store.REDIS_ENV, redis_url)
+    with store.scoped_redis_url(None):                # sharing turned off for this compile
+        assert store.open_store().remote is None
+
+
+def test_authenticated_redis(tmp_path, monkeypatch):
+    """A password-protected Redis: the URL's password is used, and a wrong one degrades to local with a
+    warning that does not print the password."""
+    server = start_redis(tmp_path, password="s3cret-pw")
+    try:
+        monkeypatch.setenv(store.STORE_ENV, str(tmp_path / "local.json"))
+        monkeypatch.setenv(store.REDIS_ENV, server.url)
+        entry = store.fallback_entry(3.0)
+        store.open_store().put(make_key(), entry)
+        assert json.loads(server.client().get(store.REDIS_KEY_PREFIX + make_key().text())) == entry
+        monkeypatch.setenv(store.REDIS_ENV, f"redis://:wrong-pw@127.0.0.1:{server.port}/0")
+        with pytest.warns(RuntimeWarning, match="unreachable") as caught:
+            store.open_store().get(make_key())
+        assert "wrong-pw" not in str(caught[0].message)
+    finally:
+        server.stop()
 
 
 def test_redis_down_warns_and_uses_local(tmp_path, monkeypatch):
@@ -148,18 +151,18 @@ def test_feedback_saver_records_fastest_tagged_choice(tmp_path, monkeypatch):
     class Choice:
         def __init__(self, cfg):
             self.thrift_store_key = make_key()
-            self.thrift_kernel_config = cfg
+            self.thrift_kernel_config = None if cfg is None else cfg.to_dict()   # as lowering tags it
 
     monkeypatch.setenv(store.STORE_ENV, str(tmp_path / "s.json"))
     monkeypatch.delenv(store.REDIS_ENV, raising=False)
-    fast, slow, fallback = Choice(AttnKernelConfig(32, 4, 3)), Choice(AttnKernelConfig(64, 4, 3)), Choice(None)
+    fast, slow, fallback = Choice(TritonConfig(32, 4, 3)), Choice(TritonConfig(64, 4, 3)), Choice(None)
     untagged = object()
     timings = {slow: 2.0, fast: 1.0, fallback: 1.5, untagged: 0.1}
     lowering._record_autotune_result(timings, "mm", [], [], lambda: {})       # other ops: ignored
     assert store.open_store().get(make_key()) is None
     lowering._record_autotune_result(timings, lowering.AUTOTUNE_NAME, [], [], lambda: {})
     got = store.open_store().get(make_key())
-    assert got["choice"] == "template" and got["config"] == AttnKernelConfig(32, 4, 3).to_dict()
+    assert got["choice"] == "template" and got["config"] == TritonConfig(32, 4, 3).to_dict()
     lowering._record_autotune_result({fallback: 0.5, slow: float("inf")}, lowering.AUTOTUNE_NAME, [], [],
                                      lambda: {})
     assert store.open_store().get(make_key())["choice"] == "fallback"

@@ -1,7 +1,11 @@
-"""Cache archive CLI: mega-cache round trip on CPU, and refusal of corrupted or foreign archives."""
+"""Cache archive CLI: mega-cache round trip on CPU, refusal of corrupted or foreign archives, and
+signing (caches are code: a signing key makes import refuse unsigned or mis-signed archives)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import types
+import warnings
 import zipfile
 
 import pytest
@@ -11,6 +15,11 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache
 
 from thrift_inductor import cli
+
+SIGNING_KEY = "test-signing-key"
+OTHER_KEY = "another-key"
+# Tests below that care about the unsigned-import warning catch it explicitly.
+pytestmark = pytest.mark.filterwarnings("ignore:.*origin not verified:RuntimeWarning")
 
 
 def attention(q, k, v):
@@ -40,14 +49,36 @@ def archive(tmp_path_factory):
     return path, manifest
 
 
+@pytest.fixture(autouse=True)
+def no_signing_key(monkeypatch):
+    monkeypatch.delenv(cli.SIGNING_KEY_ENV, raising=False)
+
+
 def rewrite(src, dst, *, manifest=None, blob=None):
+    """Copy an archive with the manifest and/or blob replaced; an existing signature is kept as is."""
     with zipfile.ZipFile(src) as zf:
         m = json.loads(zf.read(cli.MANIFEST_NAME))
         b = zf.read(cli.BLOB_NAME)
+        sig = zf.read(cli.SIGNATURE_NAME) if cli.SIGNATURE_NAME in zf.namelist() else None
     with zipfile.ZipFile(dst, "w") as zf:
         zf.writestr(cli.MANIFEST_NAME, json.dumps(manifest if manifest is not None else m))
         zf.writestr(cli.BLOB_NAME, blob if blob is not None else b)
+        if sig is not None:
+            zf.writestr(cli.SIGNATURE_NAME, sig)
     return m, b
+
+
+@pytest.fixture
+def signed_archive(archive, tmp_path, monkeypatch):
+    """The module archive's real blob exported again with ``SIGNING_KEY`` set (the mega-cache empties
+    itself on save, so export is fed the same bytes instead of compiling twice)."""
+    _, blob = cli.read_archive(archive[0], verify_origin=False)
+    fake_info = types.SimpleNamespace(artifacts={kind: [None] * n for kind, n in archive[1]["artifacts"].items()})
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (blob, fake_info))
+    monkeypatch.setenv(cli.SIGNING_KEY_ENV, SIGNING_KEY)
+    path = tmp_path / "signed.zip"
+    cli.export_cache(path)
+    return path
 
 
 def test_manifest_describes_the_blob(archive):
@@ -111,3 +142,62 @@ def test_cli_commands(archive, tmp_path, capsys):
     assert "not a thrift-inductor cache archive" in capsys.readouterr().err
     assert cli.main(["cache", "export", str(tmp_path / "out.zip")]) == 2     # export needs --run
     assert "--run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Signing
+# ---------------------------------------------------------------------------------------------------
+def test_export_signs_only_with_a_key(archive, signed_archive):
+    with zipfile.ZipFile(archive[0]) as zf:
+        assert cli.SIGNATURE_NAME not in zf.namelist()
+    with zipfile.ZipFile(signed_archive) as zf:
+        assert cli.SIGNATURE_NAME in zf.namelist()
+
+
+def test_signed_archive_round_trip(signed_archive):
+    torch._dynamo.reset()
+    with fresh_cache(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)      # verified: no origin warning
+        assert cli.import_cache(signed_archive)["format"] == cli.ARCHIVE_FORMAT
+
+
+def test_tampered_blob_with_recomputed_sha256_is_refused(signed_archive, tmp_path, monkeypatch):
+    manifest, blob = cli.read_archive(signed_archive)
+    evil = blob[:-1] + bytes([blob[-1] ^ 0xFF])
+    tampered = tmp_path / "tampered.zip"
+    rewrite(signed_archive, tampered, blob=evil,
+            manifest={**manifest, "sha256": hashlib.sha256(evil).hexdigest(), "size": len(evil)})
+    with pytest.raises(cli.CacheArchiveError, match="signature does not match"):
+        cli.import_cache(tampered)
+    # Without a key the consistent sha256 passes: integrity, not origin (hence the warning).
+    monkeypatch.delenv(cli.SIGNING_KEY_ENV)
+    with pytest.warns(RuntimeWarning, match="origin not verified"):
+        cli.read_archive(tampered)
+
+
+def test_wrong_key_is_refused(signed_archive, monkeypatch):
+    monkeypatch.setenv(cli.SIGNING_KEY_ENV, OTHER_KEY)
+    with pytest.raises(cli.CacheArchiveError, match="signature does not match"):
+        cli.import_cache(signed_archive)
+
+
+def test_unsigned_archive_is_refused_when_a_key_is_set(archive, monkeypatch):
+    monkeypatch.setenv(cli.SIGNING_KEY_ENV, SIGNING_KEY)
+    with pytest.raises(cli.CacheArchiveError, match="unsigned archive refused"):
+        cli.import_cache(archive[0])
+
+
+def test_no_key_imports_with_one_line_warning(archive, capsys):
+    torch._dynamo.reset()
+    with fresh_cache():
+        assert cli.main(["cache", "import", archive[0].as_posix()]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and cli.SIGNING_KEY_ENV in err[0], err
+
+
+def test_help_says_caches_are_code(capsys):
+    for argv in (["--help"], ["cache", "import", "--help"], ["cache", "export", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        out = " ".join(capsys.readouterr().out.split())
+        assert "Caches are code" in out and cli.SIGNING_KEY_ENV in out, argv

@@ -18,7 +18,9 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache, run_and_get_code
 
 import thrift_inductor.lowering as lowering
-from thrift_inductor import ThriftConfig, heuristics
+from thrift_inductor import ThriftConfig
+from thrift_inductor.kernels.triton import TEMPLATE_PATH
+from thrift_inductor.kernels.triton.configs import TritonConfig
 from thrift_inductor.ops import call_op
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
@@ -130,7 +132,7 @@ def test_forced_fallback_drops_prepass_and_select(interpreter):
 
 def test_store_hit_skips_benchmarking(interpreter, tmp_path):
     """Cold compile benchmarks two configs and records the winner; a warm one offers only the winner."""
-    configs = [heuristics.AttnKernelConfig(16, 4, 1), heuristics.AttnKernelConfig(32, 4, 1)]
+    configs = [TritonConfig(16, 4, 1), TritonConfig(32, 4, 1)]
     q, k, v = qkv(64, hq=2, hkv=1)
     with lowering.kernel_choices(configs, fallback=False, store=True):
         torch.compile(sdpa_causal, backend="thrift", options=OPTIONS)(q, k, v)
@@ -153,7 +155,8 @@ def test_store_hit_skips_benchmarking(interpreter, tmp_path):
 def test_synthetic_selection_is_valid():
     """Benchmark-time selection tensors obey docs/kernels.md §2 (indices in range, lists disjoint)."""
     from thrift_inductor.reference import candidate_counts
-    hi, hi_cnt, lo, lo_cnt = lowering.synthetic_selection(2, 3, 200, 300, 64, True, 2, "cpu")
+    sel = lowering.synthetic_selection(2, 3, 200, 300, 64, True, 2, "cpu")
+    hi, hi_cnt, lo, lo_cnt, hi_map = (sel[n] for n in ("HI_IDX", "HI_CNT", "LO_IDX", "LO_CNT", "HI_MAP"))
     nqb, nkb = 4, 5
     assert hi.shape == lo.shape == (2, 3, nqb, nkb) and hi_cnt.shape == (2, 3, nqb)
     cand = candidate_counts(nqb, nkb, True)
@@ -163,22 +166,23 @@ def test_synthetic_selection_is_valid():
         lo_row = lo[0, 0, row, :lo_cnt[0, 0, row]].tolist()
         assert sorted(h + lo_row) == list(range(int(cand[row]))) and lo_row == sorted(lo_row)
         assert (hi[0, 0, row, hi_cnt[0, 0, row]:] == -1).all() and (lo[0, 0, row, lo_cnt[0, 0, row]:] == -1).all()
+        assert sorted(torch.nonzero(hi_map[0, 0, row]).flatten().tolist()) == sorted(h)
 
 
 def test_pass_uuid_sees_template_edits(tmp_path, monkeypatch):
     """The FX graph cache must miss when the template text changes: the pass uuid hashes it."""
     from thrift_inductor.passes import attention_pass
     real = attention_pass._source_files()
-    assert str(lowering.TEMPLATE_PATH) in real
+    assert str(TEMPLATE_PATH) in real
     copies = []
     for path in real:
-        dst = tmp_path / os.path.relpath(path, os.path.dirname(os.path.dirname(lowering.TEMPLATE_PATH)))
+        dst = tmp_path / os.path.relpath(path, TEMPLATE_PATH.parents[2])
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, dst)
         copies.append(str(dst))
     monkeypatch.setattr(attention_pass, "_source_files", lambda: tuple(copies))
     before = attention_pass.ThriftAttentionPass().uuid()
-    template_copy = tmp_path / "templates" / lowering.TEMPLATE_PATH.name
+    template_copy = tmp_path / "kernels" / "triton" / TEMPLATE_PATH.name
     template_copy.write_text(template_copy.read_text() + "\n")
     # torch memoises get_hash_for_files per path tuple; a new process (the real case) re-reads the files.
     from torch._inductor.custom_graph_pass import get_hash_for_files

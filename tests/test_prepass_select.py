@@ -17,9 +17,9 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 from thrift_inductor import kernel_ops  # noqa: E402  (registers thrift::prepass / thrift::select)
-from thrift_inductor.templates import common  # noqa: E402
-from thrift_inductor.templates.prepass import Prepass, prepass, prepass_torch  # noqa: E402
-from thrift_inductor.templates.select import BlockLists, select, select_stats, select_torch  # noqa: E402
+from thrift_inductor.kernels import rounding as common  # noqa: E402
+from thrift_inductor.kernels.prepass import Prepass, prepass, prepass_torch  # noqa: E402
+from thrift_inductor.kernels.select import BlockLists, select, select_stats, select_torch  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEV.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -55,7 +55,7 @@ def qkv(B, Hq, Hkv, Lq, Lk, D=64, dtype=torch.bfloat16, scale=1.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Rounding helpers (templates/common.py) vs reference.e2m1_rn / e4m3_rn / e8m0_up
+# Rounding helpers (kernels/rounding.py) vs reference.e2m1_rn / e4m3_rn / e8m0_up
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _round_kernel(X, E2M1, E4M3, E8M0, BF16, N, BLOCK: tl.constexpr):
@@ -270,25 +270,25 @@ def test_fake_shapes_are_symbolic_in_length():
 
 
 # ---------------------------------------------------------------------------------------------
-# Orchestration: prepass -> select -> attention (kernels.thrift_attention_triton)
+# Orchestration: prepass -> select -> attention (pipeline.run, what the op runs on CUDA)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt,causal", [("nvfp4", True), ("fp8", False)])
-def test_thrift_attention_triton_end_to_end(fmt, causal):
+def test_pipeline_end_to_end(fmt, causal):
     from tolerances import assert_kernel_matches_oracle
 
-    from thrift_inductor.kernels import supports, thrift_attention_triton
+    from thrift_inductor import pipeline
     q, k, v = qkv(1, 2, 1, 70, 90)
     cfg = ThriftConfig(format=fmt, fraction=0.3, block_size=32)
-    assert supports(q, k, v, cfg)
-    out = thrift_attention_triton(q, k, v, scale=None, is_causal=causal, config=cfg)
+    out = pipeline.run(q, k, v, scale=None, is_causal=causal, config=cfg)
     oracle = ref.thrift_attention_reference(q, k, v, is_causal=causal, config=cfg)
     assert_kernel_matches_oracle(out, oracle, ref.exact_attention(q, k, v, is_causal=causal))
 
 
-def test_supports_declines_with_reason():
-    from thrift_inductor.kernels import supports, why_not
-    q, k, v = qkv(1, 2, 1, 16, 16, D=48)
-    assert not supports(q, k, v, ThriftConfig(format="nvfp4"))
-    assert "head" in why_not(q, k, v, ThriftConfig(format="nvfp4"))
+def test_pipeline_refuses_with_reason():
+    from thrift_inductor import pipeline
+    q, k, v = qkv(1, 2, 1, 16, 16, D=40)
+    with pytest.raises(ValueError, match="head_dim"):
+        pipeline.run(q, k, v, scale=None, is_causal=True, config=ThriftConfig(format="nvfp4"))
     q, k, v = qkv(1, 2, 1, 16, 16)
-    assert "dtypes differ" in why_not(q, k.float(), v, ThriftConfig())
+    with pytest.raises(ValueError, match="dtype"):
+        pipeline.run(q, k.float(), v, scale=None, is_causal=True, config=ThriftConfig())

@@ -12,11 +12,7 @@ from torch import Tensor
 
 from .config import ThriftConfig
 from .ops import call_op
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FP4_FORMATS = ("nvfp4", "mxfp4")
-# FP4 element blocks run along the head dim (16 for nvfp4, 32 for mxfp4): D must hold whole blocks.
-FP4_HEAD_DIM_MULTIPLE = 32
+from .problem import SUPPORTED_DTYPES, Problem, why_not
 
 
 def _resolve_config(config: Optional[ThriftConfig], cfg: dict) -> ThriftConfig:
@@ -69,9 +65,12 @@ def validate_inputs(q: Tensor, k: Tensor, v: Tensor, *, enable_gqa: bool, config
                              f"pass enable_gqa=True for grouped-query attention (as with SDPA)")
         if Hq % Hkv != 0:
             raise ValueError(f"thrift attention: query heads {Hq} must be a multiple of key/value heads {Hkv}")
-    if config.format in FP4_FORMATS and D % FP4_HEAD_DIM_MULTIPLE != 0:
-        raise ValueError(f"thrift attention: format {config.format!r} needs head_dim divisible by "
-                         f"{FP4_HEAD_DIM_MULTIPLE}, got {D}")
+
+def validate_problem(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, config: ThriftConfig) -> None:
+    """The one support predicate (``problem.why_not``): on CUDA it includes "some kernel takes it"."""
+    reason = why_not(Problem.from_tensors(q, k, v, is_causal=is_causal, config=config))
+    if reason is not None:
+        raise ValueError(f"thrift attention: {reason.message} [{reason.name}]")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, scale: Optional[float] = None,
@@ -85,4 +84,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, scale
     """
     resolved = _resolve_config(config, cfg)
     validate_inputs(q, k, v, enable_gqa=enable_gqa, config=resolved)
+    validate_problem(q, k, v, is_causal=is_causal, config=resolved)
     return call_op(q, k, v, scale=scale, is_causal=is_causal, config=resolved)

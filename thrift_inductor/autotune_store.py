@@ -12,11 +12,16 @@ by what decides speed, so a fresh process (or another machine of the same kind) 
 serves every length, and Inductor benchmarks at the hint, so the bucket is what the decision was for.
 
 Backends (``open_store()``): a local JSON file (``THRIFT_AUTOTUNE_STORE`` or
-``~/.cache/thrift_inductor/autotune.json``), optionally fronted by Redis (``THRIFT_REDIS_URL``).
-Redis failures never fail a compile: they warn once and the local file carries on.
+``~/.cache/thrift_inductor/autotune.json``), optionally fronted by Redis (``THRIFT_REDIS_URL``, or the
+URL a compile was scoped to by ``remote_cache.shared_caches``). Any redis-py URL works: ``rediss://``
+for TLS, ``redis://:password@host`` for AUTH. Redis failures never fail a compile: they warn once and
+the local file carries on. An unreadable or foreign-version local file is ignored with a warning
+(the next write replaces it).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import fcntl
 import hashlib
@@ -26,7 +31,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Iterator, Optional, Protocol
 
 import torch
 
@@ -38,7 +43,11 @@ DEFAULT_STORE_PATH = Path("~/.cache/thrift_inductor/autotune.json")
 REDIS_KEY_PREFIX = "thrift_inductor:autotune:v1:"
 REDIS_TIMEOUT_S = 2.0          # connect/read timeout: a dead Redis must not stall a compile
 FORMAT_VERSION = 1             # bump when the entry layout changes; older files are ignored
-_TEMPLATE_FILES = ("templates/attention.py", "templates/attention.py.jinja")
+_TEMPLATE_FILES = ("kernels/triton/kernel.py", "kernels/triton/template.py.jinja", "kernels/contract.py")
+_ENV = object()   # scoped_redis_url not in effect: THRIFT_REDIS_URL decides
+# The Redis URL of the compile in progress (set by remote_cache.shared_caches; None = no Redis). A
+# context variable, not the environment: an options= URL must not leak into other compiles.
+_SCOPED_URL: contextvars.ContextVar = contextvars.ContextVar("thrift_redis_url", default=_ENV)
 
 
 def _thrift_version() -> str:
@@ -127,10 +136,14 @@ class LocalStore:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable autotune store %s: %s", self.path, exc)
+        except (OSError, ValueError) as exc:    # truncated or corrupt: benchmark again, rewrite on put
+            warnings.warn(f"thrift autotune store {self.path} is unreadable ({exc}); ignoring it",
+                          RuntimeWarning, stacklevel=3)
             return {}
         if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+            found = data.get("version") if isinstance(data, dict) else type(data).__name__
+            warnings.warn(f"thrift autotune store {self.path} has format {found!r}, this build reads "
+                          f"{FORMAT_VERSION}; ignoring it", RuntimeWarning, stacklevel=3)
             return {}
         entries = data.get("entries")
         return entries if isinstance(entries, dict) else {}
@@ -193,7 +206,8 @@ class LayeredStore:
         self.remote = remote
 
     def _remote_failed(self, exc: Exception) -> None:
-        warnings.warn(f"thrift autotune store: Redis at {self.remote.url} unreachable ({exc}); "
+        from .remote_cache import redact
+        warnings.warn(f"thrift autotune store: Redis at {redact(self.remote.url)} unreachable ({exc}); "
                       f"using the local store {self.local.path} only", RuntimeWarning, stacklevel=3)
         self.remote = None
 
@@ -219,10 +233,23 @@ class LayeredStore:
 _STORES: dict[tuple, LayeredStore] = {}
 
 
+@contextlib.contextmanager
+def scoped_redis_url(url: Optional[str]) -> Iterator[None]:
+    """Inside the block ``open_store()`` uses Redis at ``url`` (None: local file only), whatever the
+    environment says."""
+    token = _SCOPED_URL.set(url)
+    try:
+        yield
+    finally:
+        _SCOPED_URL.reset(token)
+
+
 def open_store() -> LayeredStore:
-    """The store named by the environment (re-read on every call, cached per (path, url))."""
+    """The store named by the environment or the compile's scope (re-read on every call, cached per
+    (path, url))."""
     path = os.environ.get(STORE_ENV) or str(DEFAULT_STORE_PATH)
-    url = os.environ.get(REDIS_ENV) or None
+    scoped = _SCOPED_URL.get()
+    url = (os.environ.get(REDIS_ENV) if scoped is _ENV else scoped) or None
     key = (path, url)
     if key not in _STORES:
         remote = None

@@ -13,6 +13,7 @@ import torch
 from torch._inductor.compile_fx import compile_fx
 
 from . import ops  # noqa: F401  (registers torch.ops.thrift.attention)
+from . import remote_cache
 from .config import ThriftConfig
 from .passes import ThriftAttentionPass, ThriftPatternPass
 
@@ -32,18 +33,24 @@ def _load_lowering() -> None:
 
 
 def split_options(options: dict | None) -> tuple[ThriftConfig, dict]:
-    """``(ThriftConfig from thrift.* keys, remaining Inductor config patches)``."""
-    options = dict(options or {})
+    """``(ThriftConfig from thrift.* keys, remaining Inductor config patches)``.
+
+    The cache-sharing key (``thrift.redis_url``) is neither: ``thrift_backend`` reads it separately."""
+    options = {k: v for k, v in (options or {}).items() if k not in remote_cache.OPTION_KEYS}
     cfg = ThriftConfig.from_options(options)
     rest = {k: v for k, v in options.items() if not k.startswith(_OPTION_PREFIXES)}
     return cfg, rest
 
 
-def config_patches(cfg: ThriftConfig, mode: str | None = None, inductor_options: dict | None = None) -> dict:
-    """The Inductor config patches the backend compiles with (never applied globally)."""
+def config_patches(cfg: ThriftConfig, mode: str | None = None, inductor_options: dict | None = None,
+                   sharing: dict | None = None) -> dict:
+    """The Inductor config patches the backend compiles with (never applied globally).
+
+    ``sharing``: the remote-cache flags from ``remote_cache.shared_caches``; explicit user options win."""
     patches: dict = {}
     if mode not in (None, "default"):
         patches.update(torch._inductor.list_mode_options(mode))
+    patches.update(sharing or {})
     patches.update(inductor_options or {})
     patches["joint_custom_pre_pass"] = ThriftPatternPass(cfg)
     patches["joint_custom_post_pass"] = ThriftAttentionPass(cfg)
@@ -54,12 +61,16 @@ def thrift_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
                    options: dict | None = None):
     """Dynamo backend: ``compile_fx`` with the thrift passes as config patches.
 
-    ``options`` keys ``thrift.<field>`` (or ``thrift_<field>``) set ``ThriftConfig`` fields; all
-    other keys are Inductor config patches, as with ``backend="inductor"``.
+    ``options`` keys ``thrift.<field>`` (or ``thrift_<field>``) set ``ThriftConfig`` fields;
+    ``thrift.redis_url`` (default ``THRIFT_REDIS_URL``, empty = off) shares this compile's caches
+    through Redis (``remote_cache.py``); all other keys are Inductor config patches, as with
+    ``backend="inductor"``.
     """
     cfg, inductor_options = split_options(options)
     _load_lowering()
-    return compile_fx(gm, example_inputs, config_patches=config_patches(cfg, mode, inductor_options))
+    with remote_cache.shared_caches(remote_cache.resolve_url(options)) as sharing:
+        return compile_fx(gm, example_inputs,
+                          config_patches=config_patches(cfg, mode, inductor_options, sharing))
 
 
 def register() -> None:

@@ -11,13 +11,22 @@ The mega-cache only holds what *this process* compiled, so export from Python in
 (``export_cache(path)``) or use ``cache export PATH --run`` to compile the demo model first.
 Importing must happen before the first compile of the process (``import_cache(path)`` or
 ``cache import PATH --run`` for the demo). A loaded graph skips compilation and autotuning entirely.
+
+Caches are code: the blob holds compiled Python and GPU binaries that the importing process executes.
+The sha256 in the manifest proves the blob is intact, not who made it. With a shared secret in
+``THRIFT_CACHE_SIGNING_KEY``, export adds ``signature.hmac-sha256`` (HMAC-SHA256 over manifest + blob)
+and import refuses unsigned or mis-signed archives; without it import warns that origin is unchecked.
+docs/caches.md says when to use an archive and when a shared Redis (``THRIFT_REDIS_URL``).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
+import os
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,6 +37,15 @@ ARCHIVE_FORMAT = "thrift-inductor-cache"
 ARCHIVE_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 BLOB_NAME = "artifacts.bin"
+SIGNATURE_NAME = "signature.hmac-sha256"
+SIGNING_KEY_ENV = "THRIFT_CACHE_SIGNING_KEY"
+# Prefixed to the signed bytes so a signature over this archive layout is never valid for other data.
+SIGNATURE_DOMAIN = b"thrift-inductor-cache/signature/v1\0"
+MANIFEST_LENGTH_BYTES = 8       # the manifest length is signed too: no bytes can move from blob to manifest
+SECURITY_NOTE = ("Caches are code: an archive (and a shared Redis) holds compiled Python and GPU binaries "
+                 "that the importing machine executes. Import only archives you trust; set "
+                 f"{SIGNING_KEY_ENV} on both machines to sign on export and refuse unsigned or mis-signed "
+                 "archives on import.")
 # What must match between the exporting and importing machine: compiled code and Triton binaries are
 # only valid for the same torch/Triton build, thrift sources, and GPU.
 IDENTITY_FIELDS = ("torch", "triton", "thrift", "gpu")
@@ -50,8 +68,24 @@ def environment_identity() -> dict:
     return {"torch": torch.__version__, "triton": triton.__version__, "thrift": _thrift_identity(), "gpu": gpu}
 
 
+def signing_key() -> Optional[bytes]:
+    """The archive signing key from ``THRIFT_CACHE_SIGNING_KEY`` (None when unset or empty)."""
+    key = os.environ.get(SIGNING_KEY_ENV)
+    return key.encode() if key else None
+
+
+def signature(manifest_bytes: bytes, blob: bytes, key: bytes) -> str:
+    """Hex HMAC-SHA256 over the manifest exactly as stored and the blob."""
+    mac = hmac.new(key, SIGNATURE_DOMAIN, hashlib.sha256)
+    mac.update(len(manifest_bytes).to_bytes(MANIFEST_LENGTH_BYTES, "big"))
+    mac.update(manifest_bytes)
+    mac.update(blob)
+    return mac.hexdigest()
+
+
 def export_cache(path: str | Path) -> dict:
-    """Write everything this process compiled to ``path``; returns the manifest.
+    """Write everything this process compiled to ``path``; returns the manifest. Signed when
+    ``THRIFT_CACHE_SIGNING_KEY`` is set.
 
     Raises RuntimeError when nothing was compiled (the mega-cache records compiles in-process only)."""
     saved = torch.compiler.save_cache_artifacts()
@@ -62,27 +96,51 @@ def export_cache(path: str | Path) -> dict:
     manifest = {"format": ARCHIVE_FORMAT, "version": ARCHIVE_VERSION, "sha256": hashlib.sha256(blob).hexdigest(),
                 "size": len(blob), **environment_identity(),
                 "artifacts": {str(kind): len(keys) for kind, keys in info.artifacts.items()}}
+    manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    key = signing_key()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
-        zf.writestr(MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True))
+        zf.writestr(MANIFEST_NAME, manifest_bytes)
         zf.writestr(BLOB_NAME, blob)
+        if key is not None:
+            zf.writestr(SIGNATURE_NAME, signature(manifest_bytes, blob, key))
     return manifest
 
 
-def read_archive(path: str | Path) -> tuple[dict, bytes]:
-    """(manifest, blob) after the format and checksum checks; raises ``CacheArchiveError``."""
+def read_archive(path: str | Path, *, verify_origin: bool = True) -> tuple[dict, bytes]:
+    """(manifest, blob) after the signature, format and checksum checks; raises ``CacheArchiveError``.
+
+    With a signing key the signature is checked first, over the raw bytes, so a tampered manifest is
+    refused before it is parsed. ``verify_origin=False`` skips it (``cache info``)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            manifest = json.loads(zf.read(MANIFEST_NAME))
+            manifest_bytes = zf.read(MANIFEST_NAME)
             blob = zf.read(BLOB_NAME)
+            signed = zf.read(SIGNATURE_NAME).decode("ascii", "replace") if SIGNATURE_NAME in zf.namelist() else None
     except FileNotFoundError:
         raise CacheArchiveError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:   # truncated zips raise any
         raise CacheArchiveError(f"{path}: not a thrift-inductor cache archive ({exc})") from None
-    if manifest.get("format") != ARCHIVE_FORMAT or manifest.get("version") != ARCHIVE_VERSION:
-        raise CacheArchiveError(f"{path}: unknown archive format {manifest.get('format')!r} "
-                                f"v{manifest.get('version')!r} (expected {ARCHIVE_FORMAT} v{ARCHIVE_VERSION})")
+    key = signing_key() if verify_origin else None
+    if key is not None:
+        if signed is None:
+            raise CacheArchiveError(f"{path}: unsigned archive refused ({SIGNING_KEY_ENV} is set)")
+        if not hmac.compare_digest(signed.strip(), signature(manifest_bytes, blob, key)):
+            raise CacheArchiveError(f"{path}: signature does not match (tampered, or signed with another key); "
+                                    "refusing to load")
+    elif verify_origin:
+        warnings.warn(f"{path}: origin not verified ({SIGNING_KEY_ENV} unset): the archive runs as code",
+                      RuntimeWarning, stacklevel=3)
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError as exc:
+        raise CacheArchiveError(f"{path}: not a thrift-inductor cache archive ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT \
+            or manifest.get("version") != ARCHIVE_VERSION:
+        got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
+        raise CacheArchiveError(f"{path}: unknown archive format {got[0]!r} v{got[1]!r} "
+                                f"(expected {ARCHIVE_FORMAT} v{ARCHIVE_VERSION})")
     digest = hashlib.sha256(blob).hexdigest()
     if digest != manifest.get("sha256") or len(blob) != manifest.get("size"):
         raise CacheArchiveError(f"{path}: corrupted: artifacts sha256 {digest[:16]}... does not match the "
@@ -107,8 +165,24 @@ def import_cache(path: str | Path, *, allow_foreign: bool = False) -> dict:
     if mismatch and not allow_foreign:
         detail = ", ".join(f"{f}: archive {a!r} vs here {b!r}" for f, (a, b) in mismatch.items())
         raise CacheArchiveError(f"{path}: made for another environment ({detail}); refusing to load")
-    torch.compiler.load_cache_artifacts(blob)
+    try:
+        loaded = torch.compiler.load_cache_artifacts(blob)
+    except Exception as exc:   # a blob torch cannot parse (another mega-cache version, crafted bytes)
+        raise CacheArchiveError(f"{path}: torch could not load the artifacts ({type(exc).__name__}: {exc})") \
+            from exc
+    if loaded is None:         # torch logs why and returns None for bytes it cannot deserialize
+        raise CacheArchiveError(f"{path}: torch could not deserialize the artifacts (another torch build?)")
     return manifest
+
+
+def import_cache_or_warn(path: str | Path, **kwargs) -> Optional[dict]:
+    """``import_cache`` for programs that must start anyway: a refused archive is a warning and None,
+    and the process then compiles (and autotunes) locally."""
+    try:
+        return import_cache(path, **kwargs)
+    except CacheArchiveError as exc:
+        warnings.warn(f"cache archive not loaded, compiling locally: {exc}", RuntimeWarning, stacklevel=2)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,7 +218,8 @@ def _cmd_export(args) -> int:
         return 2
     print("demo compile:", _run_demo())
     manifest = export_cache(args.path)
-    print(f"wrote {args.path}: {manifest['size']} bytes, artifacts {manifest['artifacts']}")
+    signed = "signed" if signing_key() else f"unsigned ({SIGNING_KEY_ENV} unset)"
+    print(f"wrote {args.path}: {manifest['size']} bytes, {signed}, artifacts {manifest['artifacts']}")
     return 0
 
 
@@ -157,23 +232,28 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    manifest, _ = read_archive(args.path)
+    manifest, _ = read_archive(args.path, verify_origin=False)
     print(json.dumps(manifest, indent=1, sort_keys=True))
+    with zipfile.ZipFile(args.path) as zf:
+        print("signed" if SIGNATURE_NAME in zf.namelist() else "unsigned")
     mismatch = foreign_fields(manifest)
     print("matches this environment" if not mismatch else f"foreign here: {sorted(mismatch)}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thrift-inductor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="thrift-inductor", description=__doc__.splitlines()[0],
+                                     epilog=SECURITY_NOTE)
     sub = parser.add_subparsers(dest="group", required=True)
-    cache = sub.add_parser("cache", help="export / import compiled-graph caches").add_subparsers(
-        dest="command", required=True)
-    exp = cache.add_parser("export", help="write this process's compiled artifacts (needs --run)")
+    cache = sub.add_parser("cache", help="export / import compiled-graph caches", epilog=SECURITY_NOTE,
+                           description="Move compiled graphs between machines without Redis (docs/caches.md)."
+                           ).add_subparsers(dest="command", required=True)
+    exp = cache.add_parser("export", help="write this process's compiled artifacts (needs --run)",
+                           epilog=SECURITY_NOTE)
     exp.add_argument("path")
     exp.add_argument("--run", action="store_true", help="compile the demo model first")
     exp.set_defaults(fn=_cmd_export)
-    imp = cache.add_parser("import", help="verify and load an archive")
+    imp = cache.add_parser("import", help="verify and load an archive (it runs as code)", epilog=SECURITY_NOTE)
     imp.add_argument("path")
     imp.add_argument("--run", action="store_true", help="then compile the demo model (shows cache hits)")
     imp.add_argument("--allow-foreign", action="store_true", help="load despite version/GPU mismatch")
@@ -186,11 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except (CacheArchiveError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        try:
+            return args.fn(args)
+        except (CacheArchiveError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            for w in caught:          # one line each, not Python's file:line two-liner
+                print(f"warning: {w.message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

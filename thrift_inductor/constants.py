@@ -30,3 +30,9 @@ P_FP8_MAX = E4M3_MAX           # same for the fp8 format: the block max maps to 
 DEFAULT_BLOCK_SIZE = 64        # the paper's selection and kernel block (64 tokens)
 DEFAULT_FRACTION = 0.05        # the paper's headline budget: 5% of (causal) block pairs in high precision
 MAX_KV_BLOCKS_SELECT = 4096    # selection kernel keeps one row of block scores in registers (256k tokens at 64)
+
+# --- head dims (docs/numerics.md §2) ------------------------------------------------------------
+# q/k scale groups run along the head dim: FP4 groups (16 / 32 elements) must tile it; fp8 has one scale
+# per token, and 16 keeps every row 16-byte aligned for the kernels' loads.
+FORMAT_HEAD_DIM_MULTIPLE = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK, "fp8": 16}
+MAX_HEAD_DIM = 256             # the largest [BLOCK_M, D] accumulator a kernel keeps in registers

@@ -6,7 +6,7 @@ output shapes that are plain functions of the input sizes (``ceil(L / bs)``), wh
 sequence lengths need: no data-dependent shape, no guard on the length.
 
 Implementations, per device:
-- CUDA: the Triton kernels (``templates/prepass.py``, ``templates/select.py``).
+- CUDA: the Triton kernels (``kernels/prepass.py``, ``kernels/select.py``).
 - CPU: the same Triton kernels through the interpreter when ``TRITON_INTERPRET=1``, else the pure-torch
   twins built from the oracle (identical results; the tests hold both to that).
 Outputs are always contiguous, matching the fakes.
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .config import ThriftConfig
-from .templates import prepass as _prepass
-from .templates import select as _select
+from .kernels import prepass as _prepass
+from .kernels import select as _select
 
 PREPASS_OP = "thrift::prepass"
 SELECT_OP = "thrift::select"
@@ -59,7 +59,7 @@ def _prepass_fake(q, k, v, format, block_size):
 def select_op(q_mean: Tensor, k_mean: Tensor, k_min: Tensor, k_max: Tensor, Lq: int, Lk: int,
               is_causal: bool, selection: str, fraction: float, top_k: Optional[int],
               block_size: int) -> List[Tensor]:
-    """docs/kernels.md §2 outputs, in order: hi_idx, hi_cnt, lo_idx, lo_cnt (int32)."""
+    """docs/kernels.md §2 outputs, in order: hi_idx, hi_cnt, lo_idx, lo_cnt (int32), hi_map (int8)."""
     cfg = select_config(selection, fraction, top_k, block_size)
     fn = _select.select_stats if _use_triton(q_mean) else _select.select_stats_torch
     return list(fn(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal=is_causal, config=cfg))
@@ -69,7 +69,7 @@ def select_op(q_mean: Tensor, k_mean: Tensor, k_min: Tensor, k_max: Tensor, Lq: 
 def _select_fake(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal, selection, fraction, top_k, block_size):
     select_config(selection, fraction, top_k, block_size)       # same argument errors as the real op
     shapes = _select.output_shapes(tuple(q_mean.shape), tuple(k_mean.shape))
-    return [q_mean.new_empty(shape, dtype=torch.int32) for shape in shapes.values()]
+    return [q_mean.new_empty(shape, dtype=dt) for shape, dt in zip(shapes.values(), _select.OUTPUT_DTYPES)]
 
 
 def call_prepass(q: Tensor, k: Tensor, v: Tensor, fmt: str, block_size: int) -> _prepass.Prepass:

@@ -2,15 +2,16 @@
 
     thrift::attention(q, k, v, ...)                     (one FX node, from the rewrite pass or the user)
       -> thrift::prepass(q, k, v)       FallbackKernel, 10 outputs   (docs/kernels.md §1)
-      -> thrift::select(q_mean, ...)    FallbackKernel, 4 outputs    (docs/kernels.md §2)
-      -> attention.py.jinja             TritonTemplate, one choice per launch config (heuristics.py)
-         + ExternKernelChoice           the eager op itself, always correct
+      -> thrift::select(q_mean, ...)    FallbackKernel, 5 outputs    (docs/kernels.md §2)
+      -> per kernel implementation that accepts the Problem (kernels/__init__.py): one autotune choice
+         per launch config (e.g. kernels/triton: TritonTemplate), input nodes in kernels/contract.py order
+         + ExternKernelChoice           the eager op itself (pipeline.run on CUDA)
       -> autotune_select_algorithm      benchmarks when there are >= 2 choices
 
 Only speed knobs are autotuned; the op arguments (format, fraction, ...) fix the numerics. The
 template path needs Triton codegen: CUDA, or CPU with ``cpu_backend="triton"`` (the interpreter CI).
-Elsewhere (stock C++ CPU backend), or when no config fits, the node lowers to the eager op alone and the
-reason is logged. ``autotune_store.py`` is consulted before choices are built: a hit offers only the
+Elsewhere (stock C++ CPU backend), when the head dim must be padded (the eager op pads), or when no
+config fits, the node lowers to the eager op alone and the reason is logged and counted. ``autotune_store.py`` is consulted before choices are built: a hit offers only the
 stored winner, so nothing is benchmarked.
 
 Dynamic shapes: sequence lengths reach the kernel only through ``{{size()}}``/``{{stride()}}`` (runtime
@@ -33,44 +34,26 @@ from torch._inductor import config as inductor_config
 from torch._inductor import ir
 from torch._inductor.lowering import register_lowering
 from torch._inductor.select_algorithm import (
-    ExternKernelChoice, SymbolicGridFn, TritonTemplate, add_feedback_saver, autotune_select_algorithm,
-    extern_kernels)
+    ExternKernelChoice, add_feedback_saver, autotune_select_algorithm, extern_kernels)
 from torch._inductor.virtualized import V
 
 # ops registers thrift::attention; kernel_ops registers thrift::prepass / thrift::select. Both must exist
 # whenever this module is loaded: generated code (also from an FX-graph cache hit, where no lowering
 # runs) calls them by name.
-from . import autotune_store, heuristics, kernel_ops, ops  # noqa: F401
+from . import autotune_store, kernel_ops, ops  # noqa: F401
 from .config import ThriftConfig
+from .kernels import contract
+from .problem import Problem, arch_of
 
 log = logging.getLogger("thrift_inductor.lowering")
 
 AUTOTUNE_NAME = "thrift_attention"            # select_algorithm op name (its caches and logs key on it)
-TEMPLATE_NAME = "thrift_attention"
 FALLBACK_NAME = "thrift_attention_fallback"
-TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "attention.py.jinja"
-# Positions of the selection outputs in the template's input list (benchmark data must be valid indices).
-HI_IDX_ARG, HI_CNT_ARG, LO_IDX_ARG, LO_CNT_ARG = 9, 10, 11, 12
 
 
 # ---------------------------------------------------------------------------------------------------
-# Template and fallback choice (module-level singletons: Inductor asserts unique names)
+# Fallback choice (module-level singleton: Inductor asserts unique names)
 # ---------------------------------------------------------------------------------------------------
-@SymbolicGridFn
-def thrift_attention_grid(batch, q_heads, num_queries, head_dim, meta, *, cdiv):
-    """How is this kernel parallelized? One program per (query tile of BLOCK_M rows, batch x query head).
-
-    Called with the output sizes: ints when benchmarking, sympy in wrapper codegen (dynamic lengths).
-    """
-    return (cdiv(num_queries, meta["BLOCK_M"]), batch * q_heads, 1)
-
-
-def _fresh_template() -> TritonTemplate:
-    # A re-import (tests, reload) must not trip Inductor's duplicate-name assertion.
-    getattr(TritonTemplate, "all_templates", {}).pop(TEMPLATE_NAME, None)
-    return TritonTemplate(name=TEMPLATE_NAME, grid=thrift_attention_grid, source=TEMPLATE_PATH.read_text())
-
-
 def _fallback_benchmark_kernel(q, k, v, *selection_inputs, **op_kwargs):
     """What autotuning times for the fallback: the eager op on (q, k, v). Every choice of one
     ``autotune_select_algorithm`` call gets the same inputs, so the prepass/selection tensors arrive
@@ -91,7 +74,6 @@ def _fresh_fallback_choice() -> ExternKernelChoice:
                               kernel_creator=_create_fallback_node)
 
 
-thrift_attention_template = _fresh_template()
 thrift_attention_fallback = _fresh_fallback_choice()
 
 
@@ -109,7 +91,7 @@ _OVERRIDE: contextvars.ContextVar[Optional[ChoiceOverride]] = contextvars.Contex
 
 
 @contextlib.contextmanager
-def kernel_choices(configs: Optional[Sequence[heuristics.AttnKernelConfig]] = None, *,
+def kernel_choices(configs: Optional[Sequence] = None, *,
                    fallback: Optional[bool] = None, store: bool = False):
     """Force the choices the lowering offers, for compiles inside the block (tests and benchmarks).
 
@@ -175,10 +157,12 @@ def synthetic_selection(batch: int, q_heads: int, lq: int, lk: int, block_size: 
     j = torch.arange(nkb, device=device)[None, :]
     lo_idx = torch.where(j < lo_cnt[:, None], j, -1)
     hi_idx = torch.where(j < hi_cnt[:, None], cand[:, None] - 1 - j, -1)
+    hi_map = (j >= (cand - hi_cnt)[:, None]) & (j < cand[:, None])
 
-    def full(t):
-        return t.to(torch.int32).expand(batch, q_heads, *t.shape).contiguous()
-    return full(hi_idx), full(hi_cnt), full(lo_idx), full(lo_cnt)
+    def full(t, dtype=torch.int32):
+        return t.to(dtype).expand(batch, q_heads, *t.shape).contiguous()
+    return {"HI_IDX": full(hi_idx), "HI_CNT": full(hi_cnt), "LO_IDX": full(lo_idx), "LO_CNT": full(lo_cnt),
+            "HI_MAP": full(hi_map, torch.int8)}
 
 
 def _selection_input_gen_fns(q, k, cfg: ThriftConfig, is_causal: bool) -> dict:
@@ -196,7 +180,7 @@ def _selection_input_gen_fns(q, k, cfg: ThriftConfig, is_causal: bool) -> dict:
                                                    node.get_device())
             return cache["sel"][pos]
         return fn
-    return {HI_IDX_ARG: gen(0), HI_CNT_ARG: gen(1), LO_IDX_ARG: gen(2), LO_CNT_ARG: gen(3)}
+    return {contract.INDEX[name]: gen(name) for name in contract.SELECTION_OPERANDS}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,7 +197,7 @@ def _record_autotune_result(timings, name, input_nodes, choices, profiled_time_f
     winner, ms = min(tagged, key=lambda ct: ct[1])
     cfg = winner.thrift_kernel_config
     entry = (autotune_store.fallback_entry(ms) if cfg is None
-             else autotune_store.template_entry(cfg.to_dict(), ms))
+             else autotune_store.template_entry(cfg, ms))
     try:
         autotune_store.open_store().put(winner.thrift_store_key, entry)
         counters["thrift"]["autotune_store_record"] += 1
@@ -229,7 +213,7 @@ def _ensure_feedback_saver() -> None:
         add_feedback_saver(_record_autotune_result)
 
 
-def _stored_winner(key, head_dim: int, dtype, block_size: int, format: str, arch: str):
+def _stored_winner(key, impls: dict, problem: Problem):
     """The stored decision for ``key``: an ``AttnKernelConfig``, ``"fallback"``, or None (miss: the
     feedback saver will record what benchmarking picks)."""
     entry = autotune_store.open_store().get(key)
@@ -237,17 +221,24 @@ def _stored_winner(key, head_dim: int, dtype, block_size: int, format: str, arch
         counters["thrift"]["autotune_store_hit"] += 1
         return "fallback"
     if entry is not None:
-        stored = heuristics.AttnKernelConfig.from_dict(entry["config"])
-        if heuristics.can_implement(stored, head_dim, dtype, block_size, format=format, arch=arch):
+        impl = impls.get(entry["config"].get("impl", "triton"))
+        stored = None
+        if impl is not None:
+            try:
+                stored = impl.config_from_dict(entry["config"])
+            except (TypeError, ValueError, KeyError) as exc:
+                log.warning("ignoring stored thrift config %s: %s", entry["config"], exc)
+        if stored is not None and impl.config_why_not(problem, stored) is None:
             counters["thrift"]["autotune_store_hit"] += 1
-            return stored
-        log.warning("ignoring stored thrift config %s: it no longer fits", stored)
+            return impl, stored
+        log.warning("ignoring stored thrift config %s: it no longer fits", entry["config"])
     counters["thrift"]["autotune_store_miss"] += 1
     _ensure_feedback_saver()
     return None
 
 
-def _tag(choices: list, start: int, key, cfg) -> None:
+def _tag(choices: list, start: int, key, cfg: Optional[dict]) -> None:
+    """Attach the store key and the choice's config dict (None: the eager fallback) for the feedback saver."""
     for c in choices[start:]:
         c.thrift_store_key = key
         c.thrift_kernel_config = cfg
@@ -257,11 +248,14 @@ def _tag(choices: list, start: int, key, cfg) -> None:
 # The lowering
 # ---------------------------------------------------------------------------------------------------
 @register_lowering(torch.ops.thrift.attention.default, type_promotion_kind=None)
-def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, selection, block_size, p_quant):
+def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, selection, block_size, p_quant,
+                           window=None):
     cfg = ThriftConfig(format=format, fraction=fraction, top_k=top_k, selection=selection,
                        block_size=block_size, p_quant=p_quant)
     op_kwargs = dict(scale=scale, is_causal=is_causal, format=format, fraction=fraction, top_k=top_k,
                      selection=selection, block_size=block_size, p_quant=p_quant)
+    if window is not None:
+        op_kwargs["window"] = window
     device = q.get_device()
     dtype = q.get_dtype()
     override = _OVERRIDE.get()
@@ -277,24 +271,31 @@ def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, s
     # the lengths Lq, Lk are never guarded.
     guard_int = V.graph.sizevars.guard_int
     head_dim, hq, hkv = guard_int(D), guard_int(Hq), guard_int(Hkv)
-    if guard_int(v.get_size()[-1]) != head_dim:
-        return _fallback_node(q, k, v, op_kwargs, "value head dim differs from query head dim")
+    if guard_int(v.get_size()[-1]) != head_dim or guard_int(k.get_size()[-1]) != head_dim:
+        return _fallback_node(q, k, v, op_kwargs, "key/value head dim differs from query head dim")
     if hkv == 0 or hq % hkv:
         return _fallback_node(q, k, v, op_kwargs, f"query heads {hq} not a multiple of kv heads {hkv}")
-    from .templates import attention as attn_kernel   # imports triton; the template calls its tile
-    ok, why = attn_kernel.can_implement(cfg, head_dim, dtype, block_size)
-    if not ok:
-        return _fallback_node(q, k, v, op_kwargs, why)
+    arch = arch_of(device)
+    problem = Problem(B, hq, hkv, Lq, Lk, head_dim, dtype, device.type, bool(is_causal), cfg, window, arch)
+    from .kernels import implementations
+    impls = {}
+    for name, impl in implementations().items():
+        reason = impl.why_not(problem)
+        if reason is None and impl.kernel_head_dim(problem) != head_dim:
+            reason = f"head dim {head_dim} is padded to {impl.kernel_head_dim(problem)} by the eager op"
+        if reason is None:
+            impls[name] = impl
+        else:
+            log.info("thrift implementation %s declines: %s", name, reason)
+    if not impls:
+        return _fallback_node(q, k, v, op_kwargs, "no kernel implementation renders this problem")
 
-    arch = heuristics.arch_of(device)
     if override is not None and override.configs is not None:
-        configs = list(override.configs)
+        offered = [(impl, c) for impl in impls.values() for c in override.configs
+                   if impl.config_why_not(problem, c) is None]
     else:
-        configs = heuristics.candidate_configs(arch, dtype, head_dim, format, block_size,
-                                               search=_search_space())
-    configs = [c for c in configs
-               if heuristics.can_implement(c, head_dim, dtype, block_size, format=format, arch=arch)]
-    if not configs:
+        offered = [(impl, c) for impl in impls.values() for c in impl.configs(problem, _search_space())]
+    if not offered:
         return _fallback_node(q, k, v, op_kwargs, f"no launch config fits head_dim={head_dim} {dtype} "
                               f"block_size={block_size} on {arch}")
     # The interpreter times only itself, so on CPU the template runs alone; on GPU the eager op competes.
@@ -302,42 +303,37 @@ def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, s
 
     store_key = None
     use_store = override.store if override is not None else device.type == "cuda"
-    if use_store and len(configs) + with_fallback >= 2:    # a choice to make: ask the store first
+    if use_store and len(offered) + with_fallback >= 2:    # a choice to make: ask the store first
         store_key = autotune_store.StoreKey.for_problem(
             device=device, dtype=dtype, head_dim=head_dim, causal=is_causal, format=format, p_quant=p_quant,
             block_size=block_size, seq_len_hint=_hint(Lk))
-        winner = _stored_winner(store_key, head_dim, dtype, block_size, format, arch)
+        winner = _stored_winner(store_key, impls, problem)
         if winner == "fallback":
             return _fallback_node(q, k, v, op_kwargs, "autotune store: the eager op won for this key")
         if winner is not None:
-            configs, with_fallback, store_key = [winner], False, None    # one choice: nothing to benchmark
+            offered, with_fallback, store_key = [winner], False, None    # one choice: nothing to benchmark
 
     q, k, v = (_fixed_input(x) for x in (q, k, v))
-    parts = _multi_output_op(torch.ops.thrift.prepass.default, q, k, v, format, block_size)
-    q_lo, q_scale, k_lo, k_scale, v_lo_t, v_scale, q_mean, k_mean, k_min, k_max = parts
-    sel = _multi_output_op(torch.ops.thrift.select.default, q_mean, k_mean, k_min, k_max, Lq, Lk,
+    prep = _multi_output_op(torch.ops.thrift.prepass.default, q, k, v, format, block_size)
+    sel = _multi_output_op(torch.ops.thrift.select.default, prep[6], prep[7], prep[8], prep[9], Lq, Lk,
                            is_causal, selection, fraction, top_k, block_size)
-    input_nodes = [q, k, v, q_lo, q_scale, k_lo, k_scale, v_lo_t, v_scale, *sel]
-    input_nodes = [_fixed_input(x) for x in input_nodes]
+    from .kernels.prepass import Prepass
+    from .kernels.select import BlockLists
+    nodes = {"input": {"q": q, "k": k, "v": v}, "prepass": dict(zip(Prepass._fields, prep)),
+             "select": dict(zip(BlockLists._fields, sel))}
+    input_nodes = [_fixed_input(nodes[o.stage][o.field]) for o in contract.OPERANDS]
 
     out_size = [B, Hq, Lq, D]
     layout = ir.FixedLayout(device, dtype, out_size, ir.FlexibleLayout.contiguous_strides(out_size))
     sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
-    constexprs = dict(BLOCK_N=block_size, HEAD_DIM=head_dim, IS_CAUSAL=bool(is_causal),
-                      FORMAT=attn_kernel.FORMAT_CODES[format], P_MICRO=p_quant == "microblock",
-                      GQA_GROUP=hq // hkv, SM_SCALE=sm_scale,
-                      # the interpreter mis-rounds fp32 -> fp8 casts; round on the grid first (docs)
-                      P_EXACT_ROUND=os.environ.get("TRITON_INTERPRET") == "1")
 
     choices: list = []
-    for kc in configs:
+    for impl in impls.values():
+        configs = [c for i, c in offered if i is impl]
         start = len(choices)
-        err = thrift_attention_template.maybe_append_choice(
-            choices, input_nodes=input_nodes, layout=layout, num_stages=kc.num_stages,
-            num_warps=kc.num_warps, BLOCK_M=kc.block_m, **constexprs)
-        if err is not None:
-            log.info("thrift template config %s rejected: %s", kc.describe(), err)
-        _tag(choices, start, store_key, kc)
+        appended = impl.append_choices(choices, input_nodes, layout, problem, sm_scale, configs)
+        for choice, kc in zip(choices[start:], appended):
+            _tag([choice], 0, store_key, impl.config_to_dict(kc))
     n_templates = len(choices)
     if with_fallback or not choices:
         start = len(choices)

@@ -6,9 +6,11 @@ two call sites with different configs are two different nodes and cache keys see
 
 Implementations:
 - Fake (meta): shape/dtype only; output is contiguous ``[B, Hq, Lq, Dv]`` in ``q.dtype``.
-- CPU and any other device: the oracle ``reference.thrift_attention_reference``.
-- CUDA: the eager Triton launcher ``kernels.thrift_attention_triton`` when it exists and
-  ``kernels.supports(q, k, v, cfg)`` says yes, else the oracle (the reason is logged at DEBUG).
+- CPU and any other device: the oracle ``reference.thrift_attention_reference`` (the kernels run on CPU
+  only through the Inductor template under the interpreter, or ``pipeline.run`` called directly).
+- CUDA: ``pipeline.run`` on a kernel implementation. Never the oracle: a problem no kernel takes raises
+  with the reason from ``problem.why_not`` (the API and the FX pass ask the same predicate first, so a
+  compiled model never gets here with such a problem).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ log = logging.getLogger("thrift_inductor")
 OP_NAME = "thrift::attention"
 # Explicit schema: inferred annotations would make the ints SymInt, and these are config constants.
 OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float? scale, bool is_causal, str format, float fraction, "
-             "int? top_k, str selection, int block_size, str p_quant) -> Tensor")
+             "int? top_k, str selection, int block_size, str p_quant, int? window=None) -> Tensor")
 
 
 def config_to_op_args(cfg: ThriftConfig) -> tuple:
@@ -39,53 +41,49 @@ def config_from_op_args(format: str, fraction: float, top_k: Optional[int], sele
                         block_size=block_size, p_quant=p_quant)
 
 
-def _reference(q, k, v, scale, is_causal, cfg):
+def _reference(q, k, v, scale, is_causal, cfg, window=None):
     # Imported lazily: the oracle is only needed when the op actually runs, not to trace or rewrite.
     from .reference import thrift_attention_reference
-    out = thrift_attention_reference(q, k, v, is_causal=is_causal, scale=scale, config=cfg)
+    extra = {} if window is None else {"window": window}
+    out = thrift_attention_reference(q, k, v, is_causal=is_causal, scale=scale, config=cfg, **extra)
     return out.to(q.dtype).contiguous()
+
+
+def _kernels(q, k, v, scale, is_causal, cfg, window=None):
+    from . import pipeline
+    if window is not None:
+        from .problem import Problem, why_not
+        reason = why_not(Problem.from_tensors(q, k, v, is_causal=is_causal, config=cfg, window=window))
+        raise ValueError(f"thrift attention cannot run this call: {reason}")
+    return pipeline.run(q, k, v, scale=scale, is_causal=is_causal, config=cfg).contiguous()
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=(), schema=OP_SCHEMA)
 def thrift_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], is_causal: bool,
                      format: str, fraction: float, top_k: Optional[int], selection: str,
-                     block_size: int, p_quant: str) -> Tensor:
+                     block_size: int, p_quant: str, window: Optional[int] = None) -> Tensor:
     """ThriftAttention forward. q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (GQA when Hq % Hkv == 0)."""
     cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant)
-    return _reference(q, k, v, scale, is_causal, cfg)
+    return _reference(q, k, v, scale, is_causal, cfg, window)
 
 
 @thrift_attention.register_fake
 def _thrift_attention_fake(q, k, v, scale, is_causal, format, fraction, top_k, selection,
-                           block_size, p_quant):
+                           block_size, p_quant, window=None):
     B, Hq, Lq, _ = q.shape
     return q.new_empty((B, Hq, Lq, v.shape[-1]))    # contiguous, like every real impl
 
 
 @thrift_attention.register_kernel("cuda")
 def _thrift_attention_cuda(q, k, v, scale, is_causal, format, fraction, top_k, selection,
-                           block_size, p_quant):
+                           block_size, p_quant, window=None):
     cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant)
-    try:
-        from . import kernels
-    except ImportError as exc:   # kernels not built yet, or Triton missing
-        log.debug("thrift::attention on CUDA uses the oracle: kernels unavailable (%s)", exc)
-        return _reference(q, k, v, scale, is_causal, cfg)
-    launcher = getattr(kernels, "thrift_attention_triton", None)
-    supports = getattr(kernels, "supports", None)
-    if launcher is None or supports is None:
-        log.debug("thrift::attention on CUDA uses the oracle: kernels module has no launcher")
-        return _reference(q, k, v, scale, is_causal, cfg)
-    if not supports(q, k, v, cfg):
-        log.debug("thrift::attention on CUDA uses the oracle: kernels.supports() declined "
-                  "q%s k%s %s %s", tuple(q.shape), tuple(k.shape), q.dtype, cfg.cache_key())
-        return _reference(q, k, v, scale, is_causal, cfg)
-    out = launcher(q, k, v, is_causal=is_causal, scale=scale, config=cfg)
-    return out.contiguous()
+    return _kernels(q, k, v, scale, is_causal, cfg, window)
 
 
 def call_op(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float], is_causal: bool,
-            config: ThriftConfig) -> Tensor:
+            config: ThriftConfig, window: Optional[int] = None) -> Tensor:
     """Call ``torch.ops.thrift.attention`` with ``config`` spelled out as op arguments."""
+    extra = {} if window is None else {"window": int(window)}
     return torch.ops.thrift.attention.default(q, k, v, None if scale is None else float(scale),
-                                              bool(is_causal), *config_to_op_args(config))
+                                              bool(is_causal), *config_to_op_args(config), **extra)

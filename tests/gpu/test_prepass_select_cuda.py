@@ -55,7 +55,7 @@ PREPASS_CASES = [
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("case", PREPASS_CASES, ids=lambda c: f"{c[3]}x{c[4]}-d{c[5]}-bs{c[6]}-{str(c[7])[6:]}")
 def test_prepass_bit_exact_cuda(fmt, case):
-    from thrift_inductor.templates.prepass import Prepass, prepass, prepass_torch
+    from thrift_inductor.kernels.prepass import Prepass, prepass, prepass_torch
     B, Hq, Hkv, Lq, Lk, D, bs, dtype = case
     q, k, v = _qkv(B, Hq, Hkv, Lq, Lk, D, dtype)
     _assert_same(prepass(q, k, v, fmt, bs), prepass_torch(*_cpu((q, k, v)), fmt, bs), Prepass._fields)
@@ -75,7 +75,7 @@ SELECT_CASES = [
 @pytest.mark.parametrize("causal", (True, False), ids=("causal", "full"))
 @pytest.mark.parametrize("case", SELECT_CASES, ids=lambda c: f"{c[3]}x{c[4]}-bs{c[5]}-f{c[6]}-k{c[7]}")
 def test_select_exact_cuda(selection, causal, case):
-    from thrift_inductor.templates.select import BlockLists, select_stats, select_stats_torch
+    from thrift_inductor.kernels.select import BlockLists, select_stats, select_stats_torch
     B, Hq, Hkv, Lq, Lk, bs, fraction, top_k = case
     dev = torch.device("cuda")
     nqb, nkb = -(-Lq // bs), -(-Lk // bs)
@@ -93,8 +93,8 @@ def test_select_exact_cuda(selection, causal, case):
 
 def test_real_qkv_prepass_and_select_cuda(real_qkv):
     """SmolLM2 layer-15 Q/K/V (sinks, outlier channels): prepass and selection exact vs the oracle."""
-    from thrift_inductor.templates.prepass import Prepass, prepass, prepass_torch
-    from thrift_inductor.templates.select import BlockLists, select, select_torch
+    from thrift_inductor.kernels.prepass import Prepass, prepass, prepass_torch
+    from thrift_inductor.kernels.select import BlockLists, select, select_torch
     q, k, v, _ = real_qkv(15)
     q, k, v = q.cuda(), k.cuda(), v.cuda()
     for fmt in FORMATS:
@@ -113,11 +113,10 @@ def test_thrift_attention_triton_cuda(fmt):
     """The eager orchestration end to end, judged against the oracle's own error (tests/tolerances.py)."""
     from tolerances import assert_kernel_matches_oracle
 
-    from thrift_inductor.kernels import supports, thrift_attention_triton
+    from thrift_inductor import pipeline
     q, k, v = _qkv(1, 4, 2, 2048, 2048, 128, torch.bfloat16)
     cfg = ThriftConfig(format=fmt, fraction=0.1)
-    assert supports(q, k, v, cfg)
-    out = thrift_attention_triton(q, k, v, scale=None, is_causal=True, config=cfg)
+    out = pipeline.run(q, k, v, scale=None, is_causal=True, config=cfg)
     q, k, v = _cpu((q, k, v))
     oracle = ref.thrift_attention_reference(q, k, v, is_causal=True, config=cfg)
     assert_kernel_matches_oracle(out, oracle, ref.exact_attention(q, k, v, is_causal=True))
@@ -126,8 +125,8 @@ def test_thrift_attention_triton_cuda(fmt):
 def test_ops_on_cuda():
     """thrift::prepass / thrift::select dispatch to the Triton kernels on CUDA and match the launchers."""
     from thrift_inductor import kernel_ops  # noqa: F401
-    from thrift_inductor.templates.prepass import prepass_torch
-    from thrift_inductor.templates.select import select_torch
+    from thrift_inductor.kernels.prepass import prepass_torch
+    from thrift_inductor.kernels.select import select_torch
     q, k, v = _qkv(1, 4, 2, 1000, 1500, 64, torch.float16)
     outs = torch.ops.thrift.prepass.default(q, k, v, "nvfp4", 64)
     want = prepass_torch(*_cpu((q, k, v)), "nvfp4", 64)

@@ -42,6 +42,10 @@ class BlockLists(NamedTuple):
     hi_cnt: torch.Tensor    # [B, Hq, NQB] int32
     lo_idx: torch.Tensor    # [B, Hq, NQB, NKB] int32, ascending, -1 padded
     lo_cnt: torch.Tensor    # [B, Hq, NQB] int32
+    hi_map: torch.Tensor    # [B, Hq, NQB, NKB] int8, 1 where the pair runs on the high path, else 0
+
+
+OUTPUT_DTYPES = (torch.int32, torch.int32, torch.int32, torch.int32, torch.int8)
 
 
 def output_shapes(q_mean_shape, k_mean_shape) -> dict:
@@ -49,13 +53,13 @@ def output_shapes(q_mean_shape, k_mean_shape) -> dict:
     B, Hq, nqb, _ = q_mean_shape
     nkb = k_mean_shape[2]
     return {"hi_idx": (B, Hq, nqb, nkb), "hi_cnt": (B, Hq, nqb),
-            "lo_idx": (B, Hq, nqb, nkb), "lo_cnt": (B, Hq, nqb)}
+            "lo_idx": (B, Hq, nqb, nkb), "lo_cnt": (B, Hq, nqb), "hi_map": (B, Hq, nqb, nkb)}
 
 
 @triton.jit
 def _select_kernel(
     QM, KM, KMIN, KMAX,                # q_mean [B, Hq, NQB, D]; k stats [B, Hkv, NKB, D] (bf16, contiguous)
-    HI, HI_CNT, LO, LO_CNT,            # outputs, contiguous
+    HI, HI_CNT, LO, LO_CNT, HI_MAP,    # outputs, contiguous
     Hq, NQB, NKB, TOP_K,               # TOP_K: resolved on the host (resolve_top_k), <= NKB
     SELECTION: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA_GROUP: tl.constexpr,
     D: tl.constexpr, KV_CHUNK: tl.constexpr, BLOCK_KV: tl.constexpr,
@@ -117,6 +121,7 @@ def _select_kernel(
             selected = selected | hit
             score = tl.where(hit, float("-inf"), score)
     in_row = offs < NKB
+    tl.store(HI_MAP + row + offs, selected.to(tl.int8), mask=in_row)
     tl.store(hi_ptr + offs, tl.full((BLOCK_KV,), -1, tl.int32), mask=in_row & (offs >= n_hi))
     tl.store(HI_CNT + pid_bh.to(tl.int64) * NQB + i, n_hi)
     # lo: the remaining candidates in ascending order, compacted by a prefix sum.
@@ -166,13 +171,14 @@ def select_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_causal: b
     nqb, nkb = _check_stats(q_mean, k_mean, k_min, k_max, Lq, Lk, bs, kernel=True)
     shapes = output_shapes(q_mean.shape, k_mean.shape)
     dev = q_mean.device
-    out = BlockLists(*(torch.empty(s, dtype=torch.int32, device=dev) for s in shapes.values()))
+    out = BlockLists(*(torch.empty(s, dtype=dt, device=dev) for s, dt in zip(shapes.values(), OUTPUT_DTYPES)))
     B, Hq, _, D = q_mean.shape
     if B * Hq * nqb == 0:
         return out
     if nkb == 0:
         out.hi_cnt.zero_()
         out.lo_cnt.zero_()
+        out.hi_map.zero_()
         return out
     top_k = resolve_top_k(nkb, is_causal, config.top_k, config.fraction)
     block_kv = triton.next_power_of_2(nkb)
@@ -200,4 +206,5 @@ def select_stats_torch(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_cau
     bs = config.block_size
     _check_stats(q_mean, k_mean, k_min, k_max, Lq, Lk, bs, kernel=False)
     hi = ref.select_from_stats(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal=is_causal, config=config)
-    return BlockLists(*ref.block_lists(hi, Lq, Lk, bs, is_causal))
+    hi_map = ref.hi_block_mask(hi, Lq, Lk, bs, is_causal).to(torch.int8)
+    return BlockLists(*ref.block_lists(hi, Lq, Lk, bs, is_causal), hi_map)

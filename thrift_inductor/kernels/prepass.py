@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..constants import E2M1_MAX, E4M3_MAX, MXFP4_BLOCK, NVFP4_BLOCK
-from .common import FORMAT_CODES, FORMAT_FP8, FORMAT_MXFP4, FORMAT_NVFP4, bf16_rn, e2m1_rn, e4m3_rn, \
+from .rounding import FORMAT_CODES, FORMAT_FP8, FORMAT_MXFP4, FORMAT_NVFP4, bf16_rn, e2m1_rn, e4m3_rn, \
     e8m0_up, low_dtype
 
 _E2M1_MAX = tl.constexpr(E2M1_MAX)

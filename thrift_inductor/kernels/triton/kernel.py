@@ -1,0 +1,340 @@
+"""ThriftAttention forward, portable Triton: one online softmax over low- and high-precision kv blocks.
+
+ONE kernel source, two users: the eager launcher (``kernels/triton/__init__.py``) and the Inductor
+``TritonTemplate`` (``template.py.jinja``); both call ``thrift_attention_tile`` with the operands of
+``kernels/contract.py`` as two tuples (pointers, per-operand strides). Numerics: docs/numerics.md §4-§5.
+
+How is this kernel parallelized? Grid ``(cdiv(Lq, BLOCK_M), B * Hq)``: one program per query tile of one
+query head; causal runs the last (heaviest) tiles first so the light ones fill the tail of the wave.
+
+The compute tile is decoupled from the selection block (``BLOCK_N == block_size``, the kv tile): a query
+tile is part of one query block (``BLOCK_M <= block_size``) or several whole ones (``BLOCK_M = 128`` with
+8 warps: one 64-row query block per warpgroup). Per program:
+  loop 1 (low precision): every candidate kv block ``j`` of the tile, dense and ascending, so K/V tile
+         addresses are affine in ``j`` and the loop software-pipelines; blocks fully visible to every row
+         run unmasked, the diagonal / ragged ones masked. A row whose (query block, ``j``) pair is high
+         precision (``HI_MAP``) takes no contribution from this step: its factor ``beta`` is multiplied by
+         0 (a per-row multiply, not per element).
+  loop 2 (input precision): per query block of the tile, its ``HI_IDX[:HI_CNT]`` blocks, masked; rows of
+         the tile's other query block take no contribution (same per-row factor).
+Per kv tile: block row max ``B`` (log2 domain, scale*log2e folded in), ``e = exp2(s - B)``, row sum from
+the unquantised ``e``, ``P`` = ``e`` on the format grid (fp8: 448e -> e4m3; FP4: 6e -> e2m1; high: input
+dtype), ``P @ V`` dotted fresh and added to the fp32 accumulator with the factor ``exp2(B - m_ref)``
+(never through the fp8 wgmma accumulator). ``m_ref`` is the row's reference max, moved (and acc, l
+rescaled) only when a block max passes it by more than ``RESCALE_SLACK`` (FA4's lazy rescale); the
+result equals the oracle's ``sum_j exp(B_j - m) P_j V_j / l`` up to fp32 rounding.
+
+Constexprs: SM_SCALE, BLOCK_M, BLOCK_N (== block_size), HEAD_DIM (power of two; smaller D is zero-padded
+by the launcher), IS_CAUSAL (top-left), FORMAT (rounding.FORMAT_*), P_MICRO (p_quant == "microblock"),
+GQA_GROUP (Hq // Hkv), P_EXACT_ROUND (True under TRITON_INTERPRET=1: rounds P to the e4m3 grid before the
+cast, widens bf16 dot operands to fp32, rounds fp32 -> bf16 first: the interpreter's casts misround),
+FP8_ACC_PROMOTE (contract), RESCALE_SLACK and HI_STAGES (speed: TritonConfig).
+Returns the normalised fp32 ``[BLOCK_M, HEAD_DIM]`` output tile (rows >= Lq hold garbage; mask the store).
+"""
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+from ...constants import E2M1_MAX, LOG2E, MXFP4_BLOCK, NVFP4_BLOCK, P_FP4_MAX, P_FP8_MAX
+from ..rounding import FORMAT_FP8, FORMAT_NVFP4, bf16_rn, e2m1_rn, e4m3_rn, e8m0_up
+
+# log2 of the P grid maxima: e * MAX == exp2(s - B + log2(MAX)), so the scaling rides in the exp2's FMA.
+_LOG2_P_FP8_MAX = tl.constexpr(math.log2(P_FP8_MAX))
+_LOG2_P_FP4_MAX = tl.constexpr(math.log2(P_FP4_MAX))
+_INV_P_FP8_MAX = tl.constexpr(1.0 / P_FP8_MAX)
+_INV_P_FP4_MAX = tl.constexpr(1.0 / P_FP4_MAX)
+_LOG2E = tl.constexpr(LOG2E)
+_E2M1_MAX = tl.constexpr(E2M1_MAX)
+_FP32_EXP_MASK = tl.constexpr(0x7F800000)
+_E2M1_P_MAGIC = tl.constexpr(1.5 * 2.0 ** 22)
+_FP8 = tl.constexpr(FORMAT_FP8)
+_NVFP4 = tl.constexpr(FORMAT_NVFP4)
+assert (NVFP4_BLOCK, MXFP4_BLOCK) == (16, 32)     # the P microblocks of _p_microblock (literals there)
+# Floor for a block row max: a row with no visible key in a masked tile gets exp2(-inf - NEG_BIG) = 0
+# instead of exp2(-inf + inf) = NaN. Real log2-domain scores never come near it.
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+# ------------------------------------------------------------------------------------------------
+# P rounding
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _e2m1_rn_p(x):
+    """common.e2m1_rn for the P tile: x = 6e in [0, 7) (exp2 overshoots 6 by at most a few ulp).
+
+    5 ALU ops instead of the general helper's ~13 (the softmax loop is ALU-bound, ~5-7% per op on H100):
+    adding magic = 1.5 * 2**22 * 2**E (E = exponent of max(x, 1)) makes the FPU round x to a multiple of
+    2**(E-1), i.e. to the E2M1 step (.5 below 2, 1 below 4, 2 below 8), ties to even = ties to the even
+    code; saturation is not needed below 7. Checked equal to reference.e2m1_rn for every fp32 in [0, 6.001].
+    """
+    pow2 = (tl.maximum(x, 1.0).to(tl.int32, bitcast=True) & _FP32_EXP_MASK).to(tl.float32, bitcast=True)
+    magic = pow2 * _E2M1_P_MAGIC
+    return (x + magic) - magic
+
+
+@triton.jit
+def _p_microblock(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FORMAT: tl.constexpr):
+    """p_quant='microblock' (numerics.md §4): x = 6e [BLOCK_M, BLOCK_N] quantised along tokens in groups of
+    16 (nvfp4, E4M3 scale) or 32 (mxfp4, E8M0 scale rounded up), exactly like reference.fake_quantize;
+    returns codes * scale (exact in bf16), still in units of 6e."""
+    MB: tl.constexpr = 16 if FORMAT == _NVFP4 else 32     # NVFP4_BLOCK / MXFP4_BLOCK
+    tl.static_assert(BLOCK_N % MB == 0, "the kv tile must hold whole P microblocks")
+    x3 = tl.reshape(x, [BLOCK_M, BLOCK_N // MB, MB])
+    amax = tl.max(x3, 2)
+    ratio = tl.math.div_rn(amax, tl.full(amax.shape, _E2M1_MAX, tl.float32))    # IEEE, as the oracle
+    if FORMAT == _NVFP4:
+        sf = e4m3_rn(ratio)
+    else:
+        sf = e8m0_up(ratio)
+    inv = tl.where(sf > 0.0, tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), tl.where(sf > 0.0, sf, 1.0)),
+                   0.0)
+    # the general rounding helper: x * inv can pass 7 when an nvfp4 scale is an e4m3 subnormal
+    codes = e2m1_rn(x3 * inv[:, :, None])
+    return tl.reshape(codes * sf[:, :, None], [BLOCK_M, BLOCK_N])
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, P_EXACT_ROUND: tl.constexpr, FP8_ACC_PROMOTE: tl.constexpr):
+    """a @ b with fp32 accumulation. IEEE: fp32 operands, no tf32 (the high path of fp32 inputs)."""
+    if P_EXACT_ROUND and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif a.dtype == tl.float8e4nv and a.shape[1] >= FP8_ACC_PROMOTE:
+        return tl.dot(a, b, max_num_imprecise_acc=FP8_ACC_PROMOTE)
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# One kv tile. LOW selects the operand precision; MASKED adds the causal and ragged-tail masks.
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_strides,
+             LOW: tl.constexpr, MASKED: tl.constexpr, HIGH_IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+             IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr, P_MICRO: tl.constexpr,
+             P_EXACT_ROUND: tl.constexpr, RESCALE_SLACK: tl.constexpr, FP8_ACC_PROMOTE: tl.constexpr):
+    """q_rowc: per-row factor [BLOCK_M] taking the raw dot product to the log2 score (scale*log2e, and
+    the fp8 q scale). keep: per-row 1.0 / 0.0, whether this step contributes to the row.
+    kv = (k, v, k_scale, v_scale) bases at the (batch, kv head); kv_strides = their token/channel strides."""
+    k_base, v_base, ks_base, vs_base = kv
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, stride_vsb, stride_vsd = kv_strides
+    start_n = kv_blk * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_ok = offs_n < Lk
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    qk = _dot(q, tl.trans(k), HIGH_IEEE, P_EXACT_ROUND, FP8_ACC_PROMOTE)
+    if LOW and FORMAT == _FP8:
+        # fp8: raw = (q8 . k8) * sq * sk; the column scale is one multiply, the row scale sits in q_rowc
+        if MASKED:
+            k_sc = tl.load(ks_base + offs_n * stride_ksn, mask=n_ok, other=0.0)
+        else:
+            k_sc = tl.load(ks_base + offs_n * stride_ksn)
+        qk = qk * k_sc[None, :]
+    if MASKED:
+        visible = n_ok[None, :]
+        if IS_CAUSAL:
+            visible = visible & (offs_m[:, None] >= offs_n[None, :])
+        qk = tl.where(visible, qk, float("-inf"))
+    # block row max in raw units; q_rowc > 0, so max(qk * c) == max(qk) * c
+    b = tl.max(qk, 1) * q_rowc
+    if MASKED:
+        b = tl.maximum(b, _NEG_BIG)
+    if RESCALE_SLACK > 0:
+        # lazy rescale: keep the reference max m_i unless a row's block max passes it by more than the
+        # slack; the acc * alpha multiply then runs only on the rare tiles that move m_i.
+        if tl.max(b - m_i, 0) > RESCALE_SLACK:
+            m_new = tl.maximum(m_i, b)
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+    else:
+        m_new = tl.maximum(m_i, b)
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    beta = tl.exp2(b - m_i) * keep
+    if LOW:
+        if FORMAT == _FP8:
+            # e * 448 in one FMA + exp2; the P codes and the row sum share that unit, beta divides it out
+            pe = tl.exp2(qk * q_rowc[:, None] - (b - _LOG2_P_FP8_MAX)[:, None])
+            beta = beta * _INV_P_FP8_MAX
+            l_ij = tl.sum(pe, 1)
+            if P_EXACT_ROUND:
+                pe = e4m3_rn(pe)
+            p = pe.to(tl.float8e4nv)
+        else:
+            # FP4: e * 6 on the E2M1 grid; E2M1 values are exact in bf16
+            pe = tl.exp2(qk * q_rowc[:, None] - (b - _LOG2_P_FP4_MAX)[:, None])
+            beta = beta * _INV_P_FP4_MAX
+            l_ij = tl.sum(pe, 1)
+            if P_MICRO:
+                # exp2 may land the row max a few ulp above 6; mxfp4 rounds its scale *up*, so 6(1+eps)
+                # would double the scale of that microblock: clamp to the exact 6 the oracle sees
+                p = _p_microblock(tl.minimum(pe, _E2M1_MAX), pe.shape[0], BLOCK_N, FORMAT).to(tl.bfloat16)
+            else:
+                p = _e2m1_rn_p(pe).to(tl.bfloat16)
+        if MASKED:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=offs_n[:, None] < Lk, other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+        pv = _dot(p, v, False, P_EXACT_ROUND, FP8_ACC_PROMOTE)
+        if FORMAT == _FP8:
+            pv = pv * tl.load(vs_base + kv_blk * stride_vsb + offs_d * stride_vsd)[None, :]
+    else:
+        pe = tl.exp2(qk * q_rowc[:, None] - b[:, None])
+        l_ij = tl.sum(pe, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=offs_n[:, None] < Lk, other=0.0)
+        if P_EXACT_ROUND and v.dtype == tl.bfloat16:
+            pe = bf16_rn(pe)     # the interpreter's fp32 -> bf16 cast truncates
+        pv = _dot(pe.to(v.dtype), v, HIGH_IEEE, P_EXACT_ROUND, FP8_ACC_PROMOTE)
+    acc = acc + pv * beta[:, None]
+    l_i = l_i + l_ij * beta
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _low_keep(map_base, stride_m, stride_k, j, qb0, nqb, qb_row, QB_PER_TILE: tl.constexpr):
+    """1.0 where a row takes kv block ``j`` on the low path (its pair is not high precision), else 0.0.
+    One scalar map load per query block of the tile (a tile holds whole query blocks or part of one)."""
+    if QB_PER_TILE == 1:
+        keep = (tl.load(map_base + qb0 * stride_m + j * stride_k) == 0).to(tl.float32)
+    else:
+        keep = tl.zeros(qb_row.shape, tl.float32)
+        for t in tl.static_range(QB_PER_TILE):
+            hi = tl.load(map_base + (qb0 + t) * stride_m + j * stride_k, mask=qb0 + t < nqb, other=1)
+            keep = tl.where(qb_row == qb0 + t, (hi == 0).to(tl.float32), keep)
+    return keep
+
+
+@triton.jit
+def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
+                          SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
+                          P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
+                          FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
+                          HI_STAGES: tl.constexpr):
+    """T: operand pointers, S: their stride tuples, both in kernels/contract.py order."""
+    Q, K, V, Q_LO, Q_SCALE, K_LO, K_SCALE, V_LO_T, V_SCALE, HI_IDX, HI_CNT, HI_MAP = T
+    sQ, sK, sV, sQL, sQS, sKL, sKS, sVT, sVS, sHI, sHC, sHM = S
+    tl.static_assert(BLOCK_N % BLOCK_M == 0 or BLOCK_M % BLOCK_N == 0,
+                     "query tiles must align to query blocks (BLOCK_M | BLOCK_N or BLOCK_N | BLOCK_M)")
+    tl.static_assert(not (P_MICRO and FORMAT == _FP8), "p_quant='microblock' is an FP4 scheme")
+    QB_PER_TILE: tl.constexpr = BLOCK_M // BLOCK_N if BLOCK_M > BLOCK_N else 1
+    off_hkv = off_hq // GQA_GROUP
+    off_z64 = off_z.to(tl.int64)   # batch/head offsets can pass 2**31 elements at long context
+    off_hq64 = off_hq.to(tl.int64)
+    off_hkv64 = off_hkv.to(tl.int64)
+    row0 = start_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Lq
+    nqb = tl.cdiv(Lq, BLOCK_N)
+    qb0 = row0 // BLOCK_N
+    qb_row = tl.minimum(offs_m // BLOCK_N, nqb - 1)     # rows past Lq read an in-range map entry
+    HIGH_IEEE: tl.constexpr = Q.dtype.element_ty == tl.float32
+    qk_scale: tl.constexpr = SM_SCALE * _LOG2E   # exp(x) == exp2(x * log2e)
+    # candidate kv blocks of the tile, and how many are fully visible to every row (no mask needed)
+    nkb = tl.cdiv(Lk, BLOCK_N)
+    if IS_CAUSAL:
+        n_blocks = tl.minimum((tl.minimum(row0 + BLOCK_M, Lq) - 1) // BLOCK_N + 1, nkb)
+        n_full = tl.minimum(row0 // BLOCK_N, Lk // BLOCK_N)
+    else:
+        n_blocks = nkb
+        n_full = Lk // BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    map_base = HI_MAP + off_z64 * sHM[0] + off_hq64 * sHM[1]
+
+    # ---- loop 1: low precision, every candidate block ------------------------------------------
+    q_lo = tl.load(Q_LO + off_z64 * sQL[0] + off_hq64 * sQL[1] + offs_m[:, None] * sQL[2]
+                   + offs_d[None, :] * sQL[3], mask=m_ok[:, None], other=0.0)
+    if FORMAT == _FP8:
+        q_sc = tl.load(Q_SCALE + off_z64 * sQS[0] + off_hq64 * sQS[1] + offs_m * sQS[2], mask=m_ok, other=1.0)
+        q_rowc = q_sc * qk_scale
+    else:
+        q_rowc = tl.full([BLOCK_M], qk_scale, tl.float32)
+    kv_lo = (K_LO + off_z64 * sKL[0] + off_hkv64 * sKL[1], V_LO_T + off_z64 * sVT[0] + off_hkv64 * sVT[1],
+             K_SCALE + off_z64 * sKS[0] + off_hkv64 * sKS[1], V_SCALE + off_z64 * sVS[0] + off_hkv64 * sVS[1])
+    kv_lo_strides = (sKL[2], sKL[3], sVT[3], sVT[2], sKS[2], sVS[2], sVS[3])
+    for j in range(0, n_full):
+        keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
+        acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo, kv_lo_strides,
+                                 LOW=True, MASKED=False, HIGH_IEEE=False, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL,
+                                 FORMAT=FORMAT, P_MICRO=P_MICRO, P_EXACT_ROUND=P_EXACT_ROUND,
+                                 RESCALE_SLACK=RESCALE_SLACK, FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+    for j in range(n_full, n_blocks):
+        keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
+        acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo, kv_lo_strides,
+                                 LOW=True, MASKED=True, HIGH_IEEE=False, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL,
+                                 FORMAT=FORMAT, P_MICRO=P_MICRO, P_EXACT_ROUND=P_EXACT_ROUND,
+                                 RESCALE_SLACK=RESCALE_SLACK, FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+
+    # ---- loop 2: input precision, the selected blocks of each query block of the tile -----------
+    kv_hi = (K + off_z64 * sK[0] + off_hkv64 * sK[1], V + off_z64 * sV[0] + off_hkv64 * sV[1], K_SCALE, V_SCALE)
+    kv_hi_strides = (sK[2], sK[3], sV[2], sV[3], 0, 0, 0)
+    q_rowc_hi = tl.full([BLOCK_M], qk_scale, tl.float32)
+    for t in tl.static_range(QB_PER_TILE):
+        qb = qb0 + t
+        hi_cnt = tl.load(HI_CNT + off_z64 * sHC[0] + off_hq64 * sHC[1] + qb * sHC[2], mask=qb < nqb, other=0)
+        if hi_cnt > 0:
+            q = tl.load(Q + off_z64 * sQ[0] + off_hq64 * sQ[1] + offs_m[:, None] * sQ[2] + offs_d[None, :] * sQ[3],
+                        mask=m_ok[:, None], other=0.0)
+            keep = (qb_row == qb).to(tl.float32)
+            hi_row = HI_IDX + off_z64 * sHI[0] + off_hq64 * sHI[1] + qb * sHI[2]
+            for i in tl.range(0, hi_cnt, num_stages=HI_STAGES):
+                kv_blk = tl.load(hi_row + i * sHI[3])
+                acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, q_rowc_hi, keep, kv_blk, offs_m, offs_d, Lk, kv_hi,
+                                         kv_hi_strides, LOW=False, MASKED=True, HIGH_IEEE=HIGH_IEEE,
+                                         BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
+                                         P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
+                                         FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+
+    # l == 0 only when the row saw no key at all (no candidates): the contract says output 0
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    return acc / l_safe[:, None]
+
+
+@triton.jit
+def thrift_attention_program(pid_m, Lq, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Query tile of program ``pid_m``: causal runs the heaviest (last) tiles first."""
+    if IS_CAUSAL:
+        return tl.cdiv(Lq, BLOCK_M) - 1 - pid_m
+    else:
+        return pid_m
+
+
+@triton.jit
+def thrift_attention_fwd(T, S, OUT, stride_oz, stride_oh, stride_om, stride_od, Lq, Lk, HQ,
+                         SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
+                         P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
+                         FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr, HI_STAGES: tl.constexpr):
+    """The eager kernel: the tile plus a plain store (the template stores through Inductor's epilogue)."""
+    start_m = thrift_attention_program(tl.program_id(0), Lq, BLOCK_M, IS_CAUSAL)
+    off_zh = tl.program_id(1)
+    off_z = off_zh // HQ
+    off_hq = off_zh % HQ
+    acc = thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m, SM_SCALE, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                IS_CAUSAL, FORMAT, P_MICRO, GQA_GROUP, P_EXACT_ROUND, FP8_ACC_PROMOTE,
+                                RESCALE_SLACK, HI_STAGES)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_ptrs = (OUT + off_z.to(tl.int64) * stride_oz + off_hq.to(tl.int64) * stride_oh
+              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
+    if P_EXACT_ROUND and OUT.dtype.element_ty == tl.bfloat16:
+        acc = bf16_rn(acc)       # the interpreter's fp32 -> bf16 cast truncates
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=offs_m[:, None] < Lq)
