@@ -11,7 +11,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import thrift_inductor
 from thrift_inductor import ThriftConfig
 from thrift_inductor.passes import clear_sites, sites
-from thrift_inductor.passes.sdpa import rewrite_sdpa_ops
+from thrift_inductor.passes import masks
+from thrift_inductor.passes.sdpa import op_takes_window, rewrite_sdpa_ops
 
 import models
 
@@ -166,9 +167,11 @@ def test_graph_dropout_reason():
 
 
 def test_graph_head_dim_reason_depends_on_format():
+    """problem.why_not decides (mxfp4 needs whole 32-element groups; nvfp4 and fp8 take 80, zero-padded)."""
     shapes = ((1, 4, 128, 80),) * 3
     fn = lambda q, k, v: aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[0]  # noqa: E731
-    assert _rewrite(_graph(fn, *shapes)) == (0, ["head_dim"])
+    assert _rewrite(_graph(fn, *shapes), ThriftConfig(format="mxfp4")) == (0, ["head_dim"])
+    assert _rewrite(_graph(fn, *shapes), ThriftConfig(format="nvfp4")) == (1, [None])
     assert _rewrite(_graph(fn, *shapes), ThriftConfig(format="fp8")) == (1, [None])
 
 
@@ -189,12 +192,41 @@ def test_graph_causal_equivalent_mask_becomes_is_causal():
     assert node.args[4] is True    # is_causal
 
 
-def test_graph_sliding_window_mask_is_a_mask():
+WINDOW = 16
+
+
+def test_graph_sliding_window_mask_is_a_window():
+    """A banded mask is proven banded: stock with reason ``window`` until the op takes one, then rewritten."""
     def fn(q, k, v):
         i, j = torch.arange(q.shape[2])[:, None], torch.arange(q.shape[2])[None, :]
-        keep = (j <= i) & (j > i - 16)
+        keep = (j <= i) & (j > i - WINDOW)
         return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=keep)[0]
-    assert _rewrite(_graph(fn, *QKV)) == (0, ["mask"])
+    g = _graph(fn, *QKV)
+    if not op_takes_window():
+        assert _rewrite(g) == (0, ["window"])
+        return
+    assert _rewrite(g) == (1, [None])
+    (node,) = [n for n in g.nodes if n.target is THRIFT]
+    assert node.args[4] is True and node.kwargs["window"] == WINDOW
+
+
+def test_graph_decode_query_stays_stock():
+    fn = lambda q, k, v: aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]  # noqa: E731
+    assert _rewrite(_graph(fn, (1, 4, 1, 64), (1, 4, 128, 64), (1, 4, 128, 64))) == (0, ["decode"])
+
+
+def test_graph_mask_proof_is_symbolic_at_long_length():
+    """A 64k causal mask is proven from its formula: nothing near 2^32 elements is built."""
+    long = 1 << 16
+
+    def fn(q, k, v):
+        keep = torch.arange(long)[None, :] <= torch.arange(long)[:, None]
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=keep)[0]
+    masks.reset_stats()
+    with FakeTensorMode():
+        g = make_fx(fn, tracing_mode="fake")(*[torch.empty(1, 4, long, 64) for _ in range(3)]).graph
+    assert _rewrite(g) == (1, [None])
+    assert masks.stats.largest_evaluated == 0
 
 
 @pytest.mark.parametrize("op", ["flash", "efficient", "cudnn"])

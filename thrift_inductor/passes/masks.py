@@ -1,38 +1,73 @@
-"""Is an attention mask just "causal" in disguise?
+"""Is an attention mask just "causal" (or a sliding window, or nothing) in disguise?
 
-HF "eager" models (and many hand-written ones) build a causal mask from ``arange`` comparisons and
-add it to the scores. ThriftAttention takes ``is_causal=True`` instead, so such a mask may be dropped
-iff it is a pure function of shapes (no tensor input feeds it) whose value equals the top-left causal
-mask (bool: True = keep; additive: 0 = keep, very negative = drop).
+HF models (and many hand-written ones) build their mask from ``arange`` comparisons and pass it to
+SDPA or add it to the scores. ThriftAttention takes ``is_causal`` (and a left window) instead, so such
+a mask may be dropped iff it is a pure function of shapes (no tensor input feeds it) whose value is,
+for every index, the top-left causal mask ``j <= i``, a band ``i - W < j <= i``, or keeps everything
+(bool: True = keep; additive: 0 = keep, <= -1e4 = drop).
 
-The check evaluates the mask's ancestor subgraph on concrete sizes. With static shapes that is exact.
-With symbolic sizes it is evaluated at the size hints and at a second, larger size: a mask that only
-looks causal at small lengths (e.g. a sliding window wider than the hint) is caught if the window is
-shorter than the second length (documented limit).
+The proof is symbolic and independent of the sequence length (``mask_symbolic`` turns the subgraph
+into one formula over the element's indices, ``mask_decide`` decides it), so it holds for every
+value of symbolic lengths and costs the same at 64k tokens as at 64. A second, independent check
+evaluates the subgraph on the host, only when that is cheap (``CROSS_CHECK_MAX_ELEMENTS``); static
+masks the prover cannot read are still accepted when their exact evaluation is small
+(``EXACT_EVAL_MAX_ELEMENTS``). ``stats`` records the largest evaluation (tests assert on it).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
+import weakref
 from typing import Optional
 
+import sympy
 import torch
-from torch.fx import Node
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+from .mask_decide import ADDITIVE_MASKED_MAX, classify
+from .mask_symbolic import Unproven, interpret, to_sympy
 
 log = logging.getLogger("thrift_inductor")
 
-# An additive mask entry this negative is "masked": exp() underflows to 0 in every dtype after the
-# row max is subtracted (HF uses finfo.min, old BERT code -10000).
-ADDITIVE_MASKED_MAX = -1.0e4
-# Second evaluation size for symbolic lengths: hint * FACTOR + OFFSET (odd, so ragged blocks occur).
-SECOND_SIZE_FACTOR = 2
-SECOND_SIZE_OFFSET = 67
-# Never materialise a mask bigger than this many elements while checking it.
-MAX_EVAL_ELEMENTS = 1 << 26
+# Host evaluation as a second check of a symbolic proof: only masks up to this many elements
+# (a 1024 x 1024 bool mask evaluates in about a millisecond).
+CROSS_CHECK_MAX_ELEMENTS = 1 << 20
+# Static masks the symbolic prover cannot read are evaluated exactly up to this size (2048 x 2048).
+EXACT_EVAL_MAX_ELEMENTS = 1 << 22
+# A mask subgraph longer than this is not a shape-only mask worth proving (HF's is ~40 nodes).
+MAX_MASK_NODES = 400
+# Proofs per mask node and score size (one HF mask feeds every layer's attention); weak, so a
+# compiled graph's nodes are not kept alive.
+_CACHE: "weakref.WeakKeyDictionary[Node, dict]" = weakref.WeakKeyDictionary()
+
+CAUSAL, BANDED, ALL_KEEP = "causal", "banded", "all_keep"
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskProof:
+    """What a mask was proven to be. ``kind`` None = not proven (``reason`` says why)."""
+    kind: Optional[str]            # CAUSAL | BANDED | ALL_KEEP | None
+    window: Optional[int] = None   # BANDED: query i keeps keys i - window < j <= i
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class Stats:
+    proofs: int = 0                # masks proven symbolically
+    largest_evaluated: int = 0     # most elements ever materialised on the host while checking
+
+
+stats = Stats()
+
+
+def reset_stats() -> None:
+    stats.proofs = 0
+    stats.largest_evaluated = 0
+
+
+# --------------------------------------------------------------------------- the subgraph
 def _ancestors(node: Node) -> Optional[list[Node]]:
     """Ancestors of ``node`` in graph order, or ``None`` if a tensor input / buffer feeds it."""
     seen, stack = set(), [node]
@@ -41,17 +76,19 @@ def _ancestors(node: Node) -> Optional[list[Node]]:
         if n in seen:
             continue
         seen.add(n)
+        val = n.meta.get("val")
+        if isinstance(val, _SCALARS):
+            continue            # a size (or size arithmetic): its value is its symbolic expression
         if n.op == "placeholder":
-            if isinstance(n.meta.get("val"), torch.Tensor):
-                return None     # data-dependent (user mask, padding mask, registered tril buffer...)
-            continue
-        if n.op == "get_attr":
-            return None
+            return None         # data-dependent (user mask, padding mask, registered tril buffer...)
         if n.op != "call_function":
-            return None
+            return None         # get_attr (a constant buffer), submodule calls
         stack.extend(n.all_input_nodes)
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     return sorted(seen, key=order.__getitem__)
+
+
+_SCALARS = (int, torch.SymInt)
 
 
 def _hint(v) -> Optional[int]:
@@ -65,7 +102,9 @@ def _hint(v) -> Optional[int]:
     return None
 
 
-def _evaluate(nodes: list[Node], sym_values: dict) -> torch.Tensor:
+# --------------------------------------------------------------------------- host evaluation
+def _evaluate(nodes: list[Node]) -> torch.Tensor:
+    """Run the subgraph on the host at the size hints."""
     env: dict = {}
 
     def load(a):
@@ -76,8 +115,8 @@ def _evaluate(nodes: list[Node], sym_values: dict) -> torch.Tensor:
         return a
 
     for n in nodes:
-        if n.op == "placeholder":
-            env[n] = sym_values[n]
+        if isinstance(n.meta.get("val"), _SCALARS):
+            env[n] = _hint(n.meta["val"])
             continue
         args = torch.fx.node.map_aggregate(n.args, load)
         kwargs = torch.fx.node.map_aggregate(n.kwargs, load)
@@ -85,89 +124,130 @@ def _evaluate(nodes: list[Node], sym_values: dict) -> torch.Tensor:
     return env[nodes[-1]]
 
 
-def _is_causal_value(mask: torch.Tensor, lq: int, lk: int) -> bool:
-    if mask.dim() > 4 or mask.numel() > MAX_EVAL_ELEMENTS:
-        return False
-    if mask.shape[-2:] != (lq, lk) and mask.dim() >= 2:
-        try:
-            mask = mask.expand(*mask.shape[:-2], lq, lk)
-        except RuntimeError:
-            return False
-    keep = torch.ones(lq, lk, dtype=torch.bool).tril()
-    if mask.dtype == torch.bool:
-        return bool((mask == keep).all())
-    if not mask.is_floating_point():
-        return False
-    m = mask.float()
-    return bool(((m == 0) == keep).all()) and bool((m[..., ~keep] <= ADDITIVE_MASKED_MAX).all())
-
-
-def is_causal_mask(mask: Node, lq, lk) -> bool:
-    """True iff ``mask`` (an FX node) is provably the top-left causal mask for ``[.., lq, lk]`` scores.
-
-    Never raises: anything unexpected means "not provably causal" (the site then stays stock)."""
+def _keep_of(value: torch.Tensor, lq: int, lk: int) -> Optional[torch.Tensor]:
+    """bool keep matrix ``[..., lq, lk]`` of an evaluated mask, or None if it is not a clean mask."""
+    if value.dim() > 4:
+        return None
     try:
-        # Inductor runs passes under its FakeTensorMode; the check needs real values.
-        with unset_fake_temporarily(), torch.no_grad():
-            return _is_causal_mask(mask, lq, lk)
-    except Exception as exc:
-        log.debug("thrift: mask %s not provably causal (%s)", getattr(mask, "name", mask), exc)
-        return False
+        value = value.expand(*value.shape[:-2], lq, lk) if value.dim() >= 2 else value.expand(lq, lk)
+    except RuntimeError:
+        return None
+    if value.dtype == torch.bool:
+        return value
+    if not value.is_floating_point():
+        return None
+    keep = value == 0
+    return keep if bool((value[~keep] <= ADDITIVE_MASKED_MAX).all()) else None
 
 
-def _is_causal_mask(mask: Node, lq, lk) -> bool:
+def _expected(kind: str, window: Optional[int], lq: int, lk: int) -> torch.Tensor:
+    d = torch.arange(lk)[None, :] - torch.arange(lq)[:, None]      # j - i
+    if kind == ALL_KEEP:
+        return torch.ones(lq, lk, dtype=torch.bool)
+    keep = d <= 0
+    return keep & (d > -window) if kind == BANDED else keep
+
+
+def _classify_value(keep: torch.Tensor, lq: int, lk: int) -> MaskProof:
+    """Exact classification of an evaluated (static) keep matrix."""
+    flat = keep.reshape(-1, lq, lk)
+    if not bool((flat == flat[:1]).all()):
+        return MaskProof(None, reason="mask differs across batch or heads")
+    k = flat[0]
+    for kind in (ALL_KEEP, CAUSAL):
+        if bool((k == _expected(kind, None, lq, lk)).all()):
+            return MaskProof(kind)
+    window = int(k[-1].sum())
+    if window > 0 and bool((k == _expected(BANDED, window, lq, lk)).all()):
+        return MaskProof(BANDED, window)
+    return MaskProof(None, reason="evaluated mask is not causal, banded or all-keep")
+
+
+def _evaluate_checked(nodes, lq: int, lk: int, limit: int) -> Optional[torch.Tensor]:
+    """The keep matrix at the size hints if that costs <= ``limit`` elements, else None."""
+    out = nodes[-1].meta["val"]
+    sizes = [_hint(s) for s in out.shape] + [lq, lk]
+    if any(s is None for s in sizes):
+        return None
+    elements = max(1, lq * lk)
+    for s in out.shape[:-2]:
+        elements *= _hint(s)
+    if elements > limit:
+        return None
+    stats.largest_evaluated = max(stats.largest_evaluated, elements)
+    value = _evaluate(nodes)
+    return _keep_of(value, lq, lk) if isinstance(value, torch.Tensor) else None
+
+
+# --------------------------------------------------------------------------- the proof
+def _prove(mask: Node, lq, lk) -> MaskProof:
     if not isinstance(mask, Node) or not isinstance(mask.meta.get("val"), torch.Tensor):
-        return False
+        return MaskProof(None, reason="mask is not a graph tensor")
     if free_unbacked_symbols(mask.meta["val"]):
-        return False
+        return MaskProof(None, reason="mask has data-dependent sizes")
     nodes = _ancestors(mask)
     if nodes is None:
-        return False
-    sym_nodes = [n for n in nodes if n.op == "placeholder"]
-    hints = {n: _hint(n.meta.get("val")) for n in sym_nodes}
-    if any(h is None for h in hints.values()) or _hint(lq) is None or _hint(lk) is None:
-        return False
-    trials = [(hints, _hint(lq), _hint(lk))]
-    if sym_nodes:
-        # Scale every symbolic size the same way; lq / lk follow if they are those symbols.
-        def grow(x):
-            return x * SECOND_SIZE_FACTOR + SECOND_SIZE_OFFSET
-        big = {n: grow(h) for n, h in hints.items()}
-        grow_q = grow(_hint(lq)) if not isinstance(lq, int) else lq
-        grow_k = grow(_hint(lk)) if not isinstance(lk, int) else lk
-        trials.append((big, grow_q, grow_k))
-    for values, tq, tk in trials:
-        if tq * tk > MAX_EVAL_ELEMENTS:
-            return False
-        try:
-            with torch.no_grad():
-                value = _evaluate(nodes, values)
-        except Exception as exc:   # an op we cannot run on the host: be conservative
-            log.debug("thrift: could not evaluate mask %s: %s", mask.name, exc)
-            return False
-        if not isinstance(value, torch.Tensor) or not _is_causal_value(value, tq, tk):
-            return False
-    return True
+        return MaskProof(None, reason="mask depends on a tensor input (padding, user mask or buffer)")
+    if len(nodes) > MAX_MASK_NODES:
+        return MaskProof(None, reason=f"mask subgraph has {len(nodes)} nodes (> {MAX_MASK_NODES})")
+    hq, hk = _hint(lq), _hint(lk)
+    try:
+        kind, offset, window = classify(interpret(nodes), to_sympy(lq), to_sympy(lk))
+    except Unproven as exc:
+        static = all(isinstance(s, int) for s in (*mask.meta["val"].shape, lq, lk))
+        keep = _evaluate_checked(nodes, hq, hk, EXACT_EVAL_MAX_ELEMENTS) if static else None
+        if keep is None:
+            return MaskProof(None, reason=f"not proven: {exc}")
+        proof = _classify_value(keep, hq, hk)
+        log.debug("thrift: mask %s evaluated (%s): %s", mask.name, exc, proof)
+        return proof
+    stats.proofs += 1
+    if kind == CAUSAL and offset != 0:
+        return MaskProof(None, reason=f"causal mask aligned at j <= i + {offset} (the op is top-left)")
+    if kind == BANDED:
+        if offset != 0:
+            return MaskProof(None, reason=f"banded mask aligned at offset {offset}")
+        if not (isinstance(window, sympy.Integer) and int(window) >= 1):
+            return MaskProof(None, reason=f"sliding window {window} is not a constant")
+        window = int(window)
+    proof = MaskProof(kind, window if kind == BANDED else None)
+    if hq is not None and hk is not None:
+        keep = _evaluate_checked(nodes, hq, hk, CROSS_CHECK_MAX_ELEMENTS)
+        if keep is not None and not bool((keep == _expected(kind, proof.window, hq, hk)).all()):
+            log.warning("thrift: symbolic proof of mask %s (%s) disagrees with its evaluation", mask.name, proof)
+            return MaskProof(None, reason="symbolic proof disagrees with evaluation")
+    return proof
+
+
+def prove_mask(mask, lq, lk) -> MaskProof:
+    """What ``mask`` (an FX node, broadcast to scores ``[..., lq, lk]``) provably is.
+
+    Never raises: anything unexpected means "not proven" (the site then stays stock)."""
+    cache = _CACHE.setdefault(mask, {}) if isinstance(mask, Node) else {}
+    key = (str(lq), str(lk))
+    if key in cache:
+        return cache[key]
+    try:
+        # Inductor runs passes under its FakeTensorMode; the cross-check needs real values.
+        with unset_fake_temporarily(), torch.no_grad():
+            proof = _prove(mask, lq, lk)
+    except Exception as exc:   # a bug or an op that misbehaves: be conservative
+        log.debug("thrift: mask %s not proven (%s: %s)", getattr(mask, "name", mask), type(exc).__name__, exc)
+        proof = MaskProof(None, reason=f"{type(exc).__name__}: {exc}")
+    if proof.kind is None:
+        log.info("thrift: mask %s: %s", getattr(mask, "name", mask), proof.reason)
+    cache[key] = proof
+    return proof
+
+
+def is_causal_mask(mask, lq, lk) -> bool:
+    """True iff ``mask`` is provably the top-left causal mask for ``[.., lq, lk]`` scores."""
+    return prove_mask(mask, lq, lk).kind == CAUSAL
 
 
 def mask_is_all_keep(mask: Node) -> bool:
-    """A mask that keeps everything (e.g. all-True bool / all-zero additive) is the same as no mask."""
-    try:
-        with unset_fake_temporarily(), torch.no_grad():
-            return _mask_is_all_keep(mask)
-    except Exception:
+    """A mask that keeps everything (all-True bool / all-zero additive) is the same as no mask."""
+    val = mask.meta.get("val") if isinstance(mask, Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
         return False
-
-
-def _mask_is_all_keep(mask: Node) -> bool:
-    nodes = _ancestors(mask) if isinstance(mask, Node) else None
-    if not nodes or any(n.op == "placeholder" for n in nodes):
-        return False
-    try:
-        with torch.no_grad():
-            value = _evaluate(nodes, {})
-    except Exception:
-        return False
-    if value.dtype == torch.bool:
-        return bool(value.all())
-    return value.is_floating_point() and bool((value == 0).all()) and not math.isnan(float(value.sum()))
+    return prove_mask(mask, val.shape[-2], val.shape[-1]).kind == ALL_KEEP

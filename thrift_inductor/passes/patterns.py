@@ -31,7 +31,7 @@ from ..config import ThriftConfig
 from ..ops import config_to_op_args
 from . import eligibility as E
 from .gqa import unrepeat_pair
-from .masks import is_causal_mask
+from .sdpa import decode_reason, mask_decision
 from .sites import Site, record, shape_of
 
 aten = torch.ops.aten
@@ -49,6 +49,7 @@ class _Active:
     count: int = 0
     scale: Optional[float] = None
     is_causal: bool = False
+    window: Optional[int] = None
 
 
 _ACTIVE: contextvars.ContextVar[Optional[_Active]] = contextvars.ContextVar("thrift_pattern_state", default=None)
@@ -91,8 +92,9 @@ def _div_mask_clone(query, key, value, attn_mask, inv_scale):
 
 def _replacement(query, key, value, *_unused):
     state = _ACTIVE.get()
+    window = {} if state.window is None else {"window": state.window}
     return torch.ops.thrift.attention.default(query, key, value, state.scale, state.is_causal,
-                                              *config_to_op_args(state.cfg))
+                                              *config_to_op_args(state.cfg), **window)
 
 
 # name -> (search fn, scale is a divisor, has mask)
@@ -132,14 +134,12 @@ def _make_check(divide: bool, masked: bool):
         elif not all(isinstance(t, torch.Tensor) for t in (qv, kv, vv)):
             reason = E.RANK
         else:
-            reason = E.check_tensors(qv, kv, vv, state.cfg)
-        is_causal = False
+            reason = E.check_tensors(qv, kv, vv, state.cfg) or decode_reason(qv)
+        is_causal, window = False, None
         if reason is None and masked:
-            mask = match.kwargs["attn_mask"]
-            if is_causal_mask(mask, qv.shape[-2], kv.shape[-2]):
-                is_causal = True
-            else:
-                reason = E.MASK
+            reason, is_causal, window = mask_decision(match.kwargs["attn_mask"], qv.shape[-2], kv.shape[-2])
+        if reason is None and window is not None:   # the support predicate decides windows too
+            reason = E.check_tensors(qv, kv, vv, state.cfg, is_causal=True, window=window)
         key = (state.graph_id, out.name)
         if key not in state.seen:   # overlapping patterns may check one site more than once
             state.seen.add(key)
@@ -153,6 +153,7 @@ def _make_check(divide: bool, masked: bool):
             return False
         state.scale = (1.0 / scalar) if divide else scalar
         state.is_causal = is_causal
+        state.window = window
         state.count += 1
         record(Site(graph=state.graph_id, node=out.name, op="hand-written", kind="pattern",
                     q_shape=shape_of(qv), kv_shape=shape_of(kv), dtype=str(qv.dtype).replace("torch.", ""),

@@ -15,7 +15,7 @@ from torch.fx import Node
 from ..config import ThriftConfig
 from . import eligibility as E
 from .gqa import unrepeat_pair
-from .masks import is_causal_mask, mask_is_all_keep
+from .masks import ALL_KEEP, BANDED, CAUSAL, prove_mask
 from .replace import insert_thrift_op
 from .sites import Site, record, shape_of
 
@@ -67,18 +67,38 @@ def _training_reason(node: Node) -> Optional[str]:
     return None
 
 
-def _mask_reason(mask, q, k) -> tuple[Optional[str], bool]:
-    """(reason, mask_is_causal). A mask that is provably causal (or keeps everything) is dropped."""
+# Prefill only: a single-query graph is decode (one new token against a KV cache), a later issue.
+# (The lead may move this name into eligibility.py; the string is the stable reason either way.)
+DECODE = getattr(E, "DECODE", "decode")
+
+
+def op_takes_window() -> bool:
+    """Does ``thrift::attention`` take a sliding window yet? Banded masks are rewritten only then."""
+    from .. import ops
+    return "window" in ops.OP_SCHEMA
+
+
+def mask_decision(mask, lq, lk) -> tuple[Optional[str], bool, Optional[int]]:
+    """(reason, is_causal, window) for an attention mask against ``[..., lq, lk]`` scores.
+
+    A mask that is provably causal, banded (when the op takes a window) or keeps everything is
+    dropped in favour of the op's own arguments; anything else keeps the site stock."""
     if mask is None:
-        return None, False
+        return None, False, None
     if not isinstance(mask, Node):
-        return E.MASK, False
-    qv, kv = _val(q), _val(k)
-    if is_causal_mask(mask, qv.shape[-2], kv.shape[-2]):
-        return None, True
-    if mask_is_all_keep(mask):
-        return None, False
-    return E.MASK, False
+        return E.MASK, False, None
+    proof = prove_mask(mask, lq, lk)
+    if proof.kind == CAUSAL:
+        return None, True, None
+    if proof.kind == ALL_KEEP:
+        return None, False, None
+    if proof.kind == BANDED:
+        return (None, True, proof.window) if op_takes_window() else (E.WINDOW, False, None)
+    return E.MASK, False, None
+
+
+def decode_reason(qv: torch.Tensor) -> Optional[str]:
+    return DECODE if qv.shape[-2] == 1 else None
 
 
 def rewrite_sdpa_ops(graph: torch.fx.Graph, cfg: ThriftConfig, graph_id: int) -> int:
@@ -96,10 +116,13 @@ def rewrite_sdpa_ops(graph: torch.fx.Graph, cfg: ThriftConfig, graph_id: int) ->
         if not all(isinstance(t, torch.Tensor) for t in (qv, kv, vv)):
             reason = E.RANK
         reason = reason or _training_reason(node) or E.check_dropout(a.get("dropout_p", 0.0))
-        reason = reason or E.check_tensors(qv, kv, vv, cfg)
+        reason = reason or E.check_tensors(qv, kv, vv, cfg, is_causal=is_causal) or decode_reason(qv)
+        window = None
         if reason is None:
-            reason, mask_causal = _mask_reason(mask, q, k)
+            reason, mask_causal, window = mask_decision(mask, qv.shape[-2], kv.shape[-2])
             is_causal = is_causal or mask_causal
+        if reason is None and window is not None:   # the support predicate decides windows too
+            reason = E.check_tensors(qv, kv, vv, cfg, is_causal=True, window=window)
         if reason is None and node.target is aten.scaled_dot_product_attention.default \
                 and qv.shape[1] != kv.shape[1] and not a.get("enable_gqa", False):
             reason = E.GQA_HEADS
@@ -116,6 +139,8 @@ def rewrite_sdpa_ops(graph: torch.fx.Graph, cfg: ThriftConfig, graph_id: int) ->
             continue
         with graph.inserting_before(node):
             new = insert_thrift_op(graph, q, k, v, a.get("scale"), is_causal, cfg)
+            if window is not None:
+                new.kwargs = {**new.kwargs, "window": window}   # same output metadata as without
         if node.target in _TUPLE_OPS:
             for user in list(node.users):
                 if user.args[1] == 0:

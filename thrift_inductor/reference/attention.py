@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..config import FORMATS, ThriftConfig
 from ..constants import P_FP4_MAX, P_FP8_MAX
 from .quant import e2m1_rn, e4m3_rn, fake_quantize, quantize_operands
-from .selection import _cdiv, hi_block_mask, select_blocks
+from .selection import _cdiv, effective_window, hi_block_mask, select_blocks
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest score tile (query rows x padded keys) the oracle materialises at once: 2**26 fp32 elements
@@ -66,9 +66,11 @@ def _chunk_rows(lk_pad: int, block_size: int) -> int:
     return max(block_size, rows // block_size * block_size)
 
 
-def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale, config, dtype, out_dtype):
+def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale, config, dtype, out_dtype,
+                  window=None):
     """Rows ``row0 .. row0 + R`` of one (batch, head). q/q_lo ``[R, D]``, k/k_lo ``[Lk, D]``,
-    v/v_lo ``[Lk_pad, Dv]`` zero-padded, hi_rows bool ``[R, NKB]`` (the row's query block)."""
+    v/v_lo ``[Lk_pad, Dv]`` zero-padded, hi_rows bool ``[R, NKB]`` (the row's query block).
+    ``window``: keys at or before ``row - window`` are masked too (a sliding window's left edge)."""
     bs = config.block_size
     rows, lk = q.shape[0], k.shape[0]
     nkb = hi_rows.shape[1]
@@ -82,6 +84,8 @@ def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale,
         r = torch.arange(row0, row0 + rows, device=s.device)[:, None]
         c = torch.arange(nkb * bs, device=s.device)[None, :]
         s = s.masked_fill(c > r, -math.inf)
+        if window is not None:
+            s = s.masked_fill(c <= r - window, -math.inf)
     s = s.view(rows, nkb, bs)
     bmax = s.amax(-1)                                           # B_rj, -inf for a fully masked block
     e = torch.exp(s - torch.where(bmax > -math.inf, bmax, 0.0)[..., None])
@@ -103,10 +107,13 @@ def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale,
 def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
                                scale: Optional[float] = None, config: ThriftConfig = ThriftConfig(),
                                hi_idx: Optional[torch.Tensor] = None,
-                               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                               out_dtype: Optional[torch.dtype] = None,
+                               window: Optional[int] = None) -> torch.Tensor:
     """ThriftAttention as defined by docs/numerics.md; output ``[B, Hq, Lq, Dv]`` in ``q.dtype``.
 
     ``out_dtype=torch.float32`` skips the final rounding to the input dtype (tighter kernel checks).
+    ``window`` (with ``is_causal``): sliding-window attention, query i sees keys ``i - window < j <= i``
+    (numerics "Sliding window"); kv blocks wholly left of a chunk's band are skipped.
 
     ``hi_idx`` (any width, -1 padded; invalid entries ignored) overrides ``select_blocks``. Causal is
     SDPA top-left alignment. Runs per (batch, head) in block-aligned query chunks so the score tile
@@ -115,6 +122,7 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     batch, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
+    window = effective_window(window, lq, is_causal)
     bs = config.block_size
     nkb = _cdiv(lk, bs)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -123,10 +131,10 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if lq == 0 or lk == 0:
         return out
     if hi_idx is None:
-        hi_idx = select_blocks(q, k, is_causal=is_causal, config=config)
+        hi_idx = select_blocks(q, k, is_causal=is_causal, config=config, window=window)
     elif hi_idx.shape[:2] != (batch, hq):
         raise ValueError(f"hi_idx must be [B={batch}, Hq={hq}, NQB, width], got {tuple(hi_idx.shape)}")
-    hi_mask = hi_block_mask(hi_idx.to(q.device), lq, lk, bs, is_causal)
+    hi_mask = hi_block_mask(hi_idx.to(q.device), lq, lk, bs, is_causal, window)
     q_lo, k_lo, v_lo = quantize_operands(q, k, v, config.format, bs)
     tail = nkb * bs - lk
     v_pad = F.pad(v, (0, 0, 0, tail))
@@ -140,19 +148,25 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 # causal: kv blocks past the chunk's last query block are fully masked; skip them
                 kb = min(nkb, _cdiv(r1, bs)) if is_causal else nkb
                 kn = min(lk, kb * bs)
-                hi_rows = hi_mask[b, h, r0 // bs:_cdiv(r1, bs), :kb].repeat_interleave(bs, 0)[:r1 - r0]
+                # window: kv blocks left of the chunk's first row's band are fully masked; skip them
+                k0 = 0 if window is None else max(0, r0 - window + 1) // bs
+                if k0 >= kb:
+                    continue            # every key lies left of the band: rows give 0
+                c0, c1 = k0 * bs, kb * bs
+                hi_rows = hi_mask[b, h, r0 // bs:_cdiv(r1, bs), k0:kb].repeat_interleave(bs, 0)[:r1 - r0]
                 out[b, h, r0:r1] = _attend_chunk(
-                    q[b, h, r0:r1], k[b, kvh, :kn], v_pad[b, kvh, :kb * bs], q_lo[b, h, r0:r1],
-                    k_lo[b, kvh, :kn], v_lo[b, kvh, :kb * bs], hi_rows, r0, is_causal=is_causal,
-                    scale=scale, config=config, dtype=q.dtype, out_dtype=out_dtype)
+                    q[b, h, r0:r1], k[b, kvh, c0:kn], v_pad[b, kvh, c0:c1], q_lo[b, h, r0:r1],
+                    k_lo[b, kvh, c0:kn], v_lo[b, kvh, c0:c1], hi_rows, r0 - c0, is_causal=is_causal,
+                    scale=scale, config=config, dtype=q.dtype, out_dtype=out_dtype, window=window)
     return out
 
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
-                    scale: Optional[float] = None) -> torch.Tensor:
+                    scale: Optional[float] = None, window: Optional[int] = None) -> torch.Tensor:
     """fp64 softmax attention (ground truth), GQA and top-left causal, chunked; returns fp64.
-    Rows with no visible key give 0."""
+    Rows with no visible key give 0. ``window`` (with ``is_causal``): keys ``i - window < j <= i``."""
     _check_qkv(q, k, v)
+    window = effective_window(window, q.shape[2], is_causal)
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -170,7 +184,10 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_cau
                 s = (q[b, h, r0:r1].double() @ kk[:kn].T) * scale
                 if is_causal:
                     r = torch.arange(r0, r1, device=q.device)[:, None]
-                    s = s.masked_fill(torch.arange(kn, device=q.device)[None, :] > r, -math.inf)
+                    c = torch.arange(kn, device=q.device)[None, :]
+                    s = s.masked_fill(c > r, -math.inf)
+                    if window is not None:
+                        s = s.masked_fill(c <= r - window, -math.inf)
                 m = s.amax(-1, keepdim=True)
                 p = torch.exp(s - torch.where(m > -math.inf, m, 0.0))
                 ell = p.sum(-1, keepdim=True)

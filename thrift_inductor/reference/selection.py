@@ -69,6 +69,59 @@ def resolve_top_k(num_blocks: int, causal: bool, top_k: Optional[int] = None,
     return max(1, min(int(k), n))
 
 
+def effective_window(window: Optional[int], Lq: int, is_causal: bool) -> Optional[int]:
+    """Validate a sliding window; ``None`` when it hides nothing (``window >= Lq``: every key a query
+    may see under top-left causal, ``j <= i < Lq``, satisfies ``j > i - window``)."""
+    if window is None:
+        return None
+    if not is_causal:
+        raise ValueError("window (a left context) needs is_causal=True")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    return None if window >= Lq else window
+
+
+def candidate_range(nqb: int, nkb: int, is_causal: bool, block_size: int, window: Optional[int] = None,
+                    device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, count)`` int64 ``[NQB]``: query block i's candidates are kv blocks ``first .. first +
+    count - 1``. Without a window ``first = 0`` and ``count = candidate_counts``. With one (left context
+    W: row r sees keys ``r - W < c <= r``), the band starts in block ``max(0, i*bs - W + 1) // bs``
+    (the block's first row reaches furthest back) and ends where the causal prefix ends."""
+    count = candidate_counts(nqb, nkb, is_causal, device)
+    if window is None:
+        return torch.zeros_like(count), count
+    i = torch.arange(nqb, device=device)
+    first = torch.clamp(i * block_size - window + 1, min=0) // block_size
+    first = torch.minimum(first, count)        # a query block past every key keeps no candidate
+    return first, count - first
+
+
+def resolve_window_top_k(counts: torch.Tensor, top_k: Optional[int] = None, fraction: float = 0.05) -> int:
+    """High-precision blocks per query block under a sliding window (numerics §3, "Sliding window").
+
+    The budget is a share of the block pairs *inside the band*: with ``c_i`` candidates per query
+    block, k is the integer in ``1 .. max c_i`` whose ``Σ min(k, c_i)`` is nearest to
+    ``fraction * Σ c_i`` (ties -> the smaller k)."""
+    cmax = int(counts.max()) if counts.numel() else 0
+    if top_k is not None:
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        return min(int(top_k), cmax)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    if fraction <= 0.0 or cmax == 0:
+        return 0
+    if fraction >= 1.0:
+        return cmax
+    target = fraction * int(counts.sum())
+    best, best_err = 1, math.inf
+    for k in range(1, cmax + 1):
+        err = abs(int(torch.clamp(counts, max=k).sum()) - target)
+        if err < best_err:
+            best, best_err = k, err
+    return best
+
+
 def candidate_counts(nqb: int, nkb: int, is_causal: bool, device=None) -> torch.Tensor:
     """Candidate kv blocks per query block, ``[NQB]`` int64: ``min(i, NKB-1) + 1`` causal
     (top-left alignment), NKB otherwise. Candidates are always the prefix ``0 .. count-1``."""
@@ -78,38 +131,47 @@ def candidate_counts(nqb: int, nkb: int, is_causal: bool, device=None) -> torch.
     return torch.full_like(i, nkb)
 
 
-def _local_window(nqb: int, nkb: int, k: int, is_causal: bool, device) -> torch.Tensor:
-    """Spec §3.5: causal = the diagonal block and the k-1 before it; non-causal = a centred window.
-    Entries ascend (the window has no score order)."""
+def _local_window(nqb: int, nkb: int, k: int, is_causal: bool, device, first=None) -> torch.Tensor:
+    """Spec §3.5: causal = the diagonal block and the k-1 before it (not before the band's ``first``
+    block); non-causal = a centred window. Entries ascend (the window has no score order)."""
     i = torch.arange(nqb, device=device)
     end = torch.clamp(i, max=max(nkb - 1, 0))
     if is_causal:
         start = torch.clamp(end - k + 1, min=0)
+        if first is not None:
+            start = torch.maximum(start, first)
     else:
         start = torch.clamp(end - k // 2, min=0, max=max(nkb - k, 0))
     return start[:, None] + torch.arange(max(k, 1), device=device)[None, :]
 
 
 def select_from_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_causal: bool,
-                      config: ThriftConfig) -> torch.Tensor:
+                      config: ThriftConfig, window: Optional[int] = None) -> torch.Tensor:
     """``hi_idx`` int32 ``[B, Hq, NQB, max(k, 1)]``: per query head and query block, the selected kv
     blocks, descending score, ties -> lower block index, -1 padded (local: ascending window).
 
     q_mean ``[B, Hq, NQB, D]``; k_mean/k_min/k_max ``[B, Hkv, NKB, D]`` (bf16, from ``block_stats``;
-    unused ones may be None). Scores are fp64 sums of bf16 products (exact)."""
+    unused ones may be None). Scores are fp64 sums of bf16 products (exact).
+    ``window``: only kv blocks of the band are candidates, and the budget counts band pairs."""
     bs = config.block_size
     nqb, nkb = _cdiv(Lq, bs), _cdiv(Lk, bs)
     batch, hq = q_mean.shape[0], q_mean.shape[1]
     device = q_mean.device
-    k = resolve_top_k(nkb, is_causal, config.top_k, config.fraction)
+    window = effective_window(window, Lq, is_causal)
+    first, count = candidate_range(nqb, nkb, is_causal, bs, window, device)
+    if window is None:
+        k = resolve_top_k(nkb, is_causal, config.top_k, config.fraction)
+    else:
+        k = resolve_window_top_k(count, config.top_k, config.fraction)
     width = max(k, 1)
-    keep = torch.clamp(candidate_counts(nqb, nkb, is_causal, device), max=k)        # [NQB]
+    keep = torch.clamp(count, max=k)                                                 # [NQB]
     valid = torch.arange(width, device=device)[None, :] < keep[:, None]             # [NQB, width]
     if k == 0:
         return torch.full((batch, hq, nqb, 1), -1, dtype=torch.int32, device=device)
 
     if config.selection == "local":
-        idx = _local_window(nqb, nkb, k, is_causal, device).expand(batch, hq, nqb, width)
+        local_first = None if window is None else first
+        idx = _local_window(nqb, nkb, k, is_causal, device, local_first).expand(batch, hq, nqb, width)
     else:
         ref = k_mean if config.selection == "block_mean" else k_max
         hkv = ref.shape[1]
@@ -125,31 +187,39 @@ def select_from_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_caus
             scores = qm.clamp(min=0) @ kmax + qm.clamp(max=0) @ kmin
         # Stable sort on -score (ties -> lower index), then a stable partition putting candidates first.
         order = torch.sort(-scores, dim=-1, stable=True).indices
-        is_cand = torch.arange(nkb, device=device)[None, :] < candidate_counts(nqb, nkb, is_causal, device)[:, None]
+        is_cand = _in_range(torch.arange(nkb, device=device)[None, :], first, count)
         not_cand = (~is_cand).to(torch.uint8).expand_as(order).gather(-1, order)
         order = order.gather(-1, torch.sort(not_cand, dim=-1, stable=True).indices)
         idx = order[..., :width]
     return torch.where(valid, idx, -1).to(torch.int32).contiguous()
 
 
-def select_blocks(q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, config: ThriftConfig) -> torch.Tensor:
+def select_blocks(q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, config: ThriftConfig,
+                  window: Optional[int] = None) -> torch.Tensor:
     """``block_stats`` of q and k, then ``select_from_stats``."""
     bs = config.block_size
     q_mean = block_stats(q, bs)[0]
     k_mean, k_min, k_max = block_stats(k, bs)
     return select_from_stats(q_mean, k_mean, k_min, k_max, q.shape[2], k.shape[2],
-                             is_causal=is_causal, config=config)
+                             is_causal=is_causal, config=config, window=window)
 
 
-def _clean_hi(hi_idx: torch.Tensor, Lq: int, Lk: int, block_size: int, is_causal: bool):
+def _in_range(idx: torch.Tensor, first: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``first <= idx < first + count`` with ``first`` / ``count`` per query block ``[NQB]``."""
+    return (idx >= first[:, None]) & (idx < (first + count)[:, None])
+
+
+def _clean_hi(hi_idx: torch.Tensor, Lq: int, Lk: int, block_size: int, is_causal: bool,
+              window: Optional[int] = None):
     """Drop entries that are -1, out of range, non-candidates or repeats (first occurrence wins);
     returns (hi_idx compacted in order and -1 padded, same width; valid mask)."""
     nqb, nkb = _cdiv(Lq, block_size), _cdiv(Lk, block_size)
     if hi_idx.dim() != 4 or hi_idx.shape[2] != nqb:
         raise ValueError(f"hi_idx must be [B, Hq, NQB={nqb}, width], got shape {tuple(hi_idx.shape)}")
     idx = hi_idx.long()
-    limit = candidate_counts(nqb, nkb, is_causal, idx.device)[:, None]
-    ok = (idx >= 0) & (idx < limit)
+    first, count = candidate_range(nqb, nkb, is_causal, block_size, effective_window(window, Lq, is_causal),
+                                   idx.device)
+    ok = _in_range(idx, first, count)
     # Repeats: after a stable sort equal entries sit together in original order; mark all but the first.
     srt, perm = torch.sort(torch.where(ok, idx, -1), dim=-1, stable=True)
     rep_sorted = torch.zeros_like(ok)
@@ -161,28 +231,32 @@ def _clean_hi(hi_idx: torch.Tensor, Lq: int, Lk: int, block_size: int, is_causal
     return torch.where(ok, idx, -1), ok
 
 
-def hi_block_mask(hi_idx: torch.Tensor, Lq: int, Lk: int, block_size: int, is_causal: bool) -> torch.Tensor:
+def hi_block_mask(hi_idx: torch.Tensor, Lq: int, Lk: int, block_size: int, is_causal: bool,
+                  window: Optional[int] = None) -> torch.Tensor:
     """bool ``[B, Hq, NQB, NKB]``: True where (query block, kv block) runs on the high path."""
     nkb = _cdiv(Lk, block_size)
-    idx, ok = _clean_hi(hi_idx, Lq, Lk, block_size, is_causal)
+    idx, ok = _clean_hi(hi_idx, Lq, Lk, block_size, is_causal, window)
     mask = torch.zeros(*idx.shape[:3], nkb + 1, dtype=torch.bool, device=idx.device)
     return mask.scatter(-1, torch.where(ok, idx, nkb), True)[..., :nkb]
 
 
-def block_lists(hi_idx: torch.Tensor, Lq: int, Lk: int, block_size: int, is_causal: bool):
+def block_lists(hi_idx: torch.Tensor, Lq: int, Lk: int, block_size: int, is_causal: bool,
+                window: Optional[int] = None):
     """docs/kernels.md §2 layout: ``(hi_idx, hi_cnt, lo_idx, lo_cnt)``, int32; hi_idx and lo_idx are
     ``[B, Hq, NQB, NKB]`` -1 padded; hi keeps the given order (invalid entries and repeats dropped),
-    lo holds the other candidate blocks ascending."""
+    lo holds the other candidate blocks ascending (with a window: only blocks of the band)."""
     nqb, nkb = _cdiv(Lq, block_size), _cdiv(Lk, block_size)
-    idx, ok = _clean_hi(hi_idx, Lq, Lk, block_size, is_causal)
+    idx, ok = _clean_hi(hi_idx, Lq, Lk, block_size, is_causal, window)
     width = idx.shape[-1]
     if width < nkb:
         idx = F.pad(idx, (0, nkb - width), value=-1)
     else:   # at most NKB distinct valid entries exist, so cropping loses nothing
         idx = idx[..., :nkb]
     hi_cnt = ok.sum(-1)
-    mask = hi_block_mask(hi_idx, Lq, Lk, block_size, is_causal)
-    cand = torch.arange(nkb, device=idx.device)[None, :] < candidate_counts(nqb, nkb, is_causal, idx.device)[:, None]
+    mask = hi_block_mask(hi_idx, Lq, Lk, block_size, is_causal, window)
+    first, count = candidate_range(nqb, nkb, is_causal, block_size, effective_window(window, Lq, is_causal),
+                                   idx.device)
+    cand = _in_range(torch.arange(nkb, device=idx.device)[None, :], first, count)
     lo = cand & ~mask
     ar = torch.arange(nkb, device=idx.device).expand_as(lo)
     lo_idx = torch.sort(torch.where(lo, ar, nkb), dim=-1).values
