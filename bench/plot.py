@@ -11,14 +11,26 @@ import csv
 import math
 import os
 
-# Providers drawn, in legend order: the attention kernel alone (not the pipeline totals) and baselines.
-PROVIDERS = ("sdpa_cudnn", "sdpa_flash", "flex", "thrift_fp8_f0.05_attn", "thrift_fp8_f0_attn",
-             "thrift_mxfp4_f0.05_attn", "thrift_nvfp4_f0.05_attn", "thrift_fp8_f0.05_total")
+# Series drawn, in legend order: baselines, the whole thrift op and the attention kernel alone.
+PROVIDERS = ("sdpa_cudnn", "sdpa_flash", "flex", "thrift_fp8_f0.05_total", "thrift_mxfp4_f0.05_total",
+             "thrift_nvfp4_f0.05_total", "thrift_fp8_f0.05_attn", "thrift_fp8_f0_attn")
+
+
+def _provider(r: dict) -> str:
+    """The series name of a row: old CSVs carry ``provider``; new ones ``impl, format, fraction, stage``."""
+    if r.get("provider"):
+        return r["provider"]
+    if not r["impl"].startswith("thrift"):
+        return r["impl"]
+    return f"thrift_{r['format']}_f{float(r['fraction']):g}_{r['stage']}"
 
 
 def load(path):
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["provider"] = _provider(r)
+    return rows
 
 
 def plot(records, out_path):

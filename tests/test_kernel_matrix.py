@@ -32,7 +32,8 @@ FORMATS = ("fp8", "nvfp4", "mxfp4")
 IMPLS = tuple(implementations())
 # Launch configs every implementation's test sees on CPU: each query-tile shape the kernel has (part of a
 # query block, exactly one, two whole blocks per tile). The interpreter ignores warps and stages.
-TILES = (TritonConfig(32, 4, 1), TritonConfig(64, 4, 1), TritonConfig(128, 8, 1))
+TILES = (TritonConfig(32, 4, 1), TritonConfig(64, 4, 1), TritonConfig(128, 8, 1),
+         TritonConfig(64, 4, 1, low_lists=True))
 # Accumulation drift: the kernel-to-oracle error ratio at 32k may not exceed the 4k ratio by this factor.
 DRIFT_FACTOR = 1.5
 
@@ -69,7 +70,7 @@ def run_case(q, k, v, cfg, causal, *, impl="triton", launch=None, scale=None, hi
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("launch", TILES, ids=lambda c: f"M{c.block_m}")
+@pytest.mark.parametrize("launch", TILES, ids=lambda c: f"M{c.block_m}{'L' if c.low_lists else ''}")
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_matches_oracle_gqa(impl, launch, fmt, causal):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import thrift_inductor
-from thrift_inductor import ThriftConfig
+from thrift_inductor import ThriftConfig, backend
 from thrift_inductor.kernels import implementations, implementations_for
 from thrift_inductor.problem import HEAD_DIM, WINDOW, Problem, Reason, semantic_why_not, why_not
 
@@ -68,6 +68,7 @@ def test_every_implementation_answers_for_itself():
 
 def test_eager_api_and_pass_agree_on_head_dim_96():
     """fp8, D=96: the API accepts it, the pass rewrites it (CPU: the oracle runs it)."""
+    backend.register()    # an uninstalled checkout has no entry point
     q = torch.randn(1, 2, 64, 96)
     k, v = torch.randn(1, 2, 64, 96), torch.randn(1, 2, 64, 96)
     out = thrift_inductor.attention(q, k, v, is_causal=True, format="fp8", fraction=0.2)
@@ -85,6 +86,7 @@ def test_eager_api_and_pass_agree_on_head_dim_96():
 
 
 def test_pass_keeps_unsupported_head_dim_stock_with_reason():
+    backend.register()
     q = torch.randn(1, 2, 64, 40)
 
     def fn(q, k, v):

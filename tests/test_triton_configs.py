@@ -19,8 +19,9 @@ problems = st.tuples(st.sampled_from(ARCHS), st.sampled_from(heuristics.DTYPES),
 
 
 def test_default_table_entries_fit_their_key():
-    for (arch, head_dim), cfg in heuristics._DEFAULTS.items():
-        for fmt, dtype in ((f, d) for f in ("fp8", "nvfp4") for d in (torch.float16, torch.bfloat16)):
+    for (arch, head_dim, eight_bit), cfg in heuristics._DEFAULTS.items():
+        fmt = "fp8" if eight_bit else "nvfp4"
+        for dtype in (torch.float16, torch.bfloat16):
             assert heuristics.can_implement(cfg, head_dim, dtype, 64, format=fmt, arch=arch), \
                 (arch, head_dim, fmt, dtype, heuristics.why_not(cfg, head_dim, dtype, 64, format=fmt, arch=arch))
 

@@ -39,6 +39,8 @@ OPERANDS = (
     Operand("V_SCALE", 4, "prepass", "v_scale", "[B, Hkv, NKB, D]", "f32"),
     Operand("HI_IDX", 4, "select", "hi_idx", "[B, Hq, NQB, NKB]", "i32"),
     Operand("HI_CNT", 3, "select", "hi_cnt", "[B, Hq, NQB]", "i32"),
+    Operand("LO_IDX", 4, "select", "lo_idx", "[B, Hq, NQB, NKB]", "i32"),
+    Operand("LO_CNT", 3, "select", "lo_cnt", "[B, Hq, NQB]", "i32"),
     Operand("HI_MAP", 4, "select", "hi_map", "[B, Hq, NQB, NKB]", "i8"),
 )
 NAMES = tuple(o.name for o in OPERANDS)
@@ -58,7 +60,8 @@ def expected(q_shape, k_shape, fmt: str, block_size: int, dtype: torch.dtype) ->
     shapes = {"Q": (B, Hq, Lq, D), "K": (B, Hkv, Lk, D), "V": (B, Hkv, Lk, D), "Q_LO": (B, Hq, Lq, D),
               "Q_SCALE": (B, Hq, Lq), "K_LO": (B, Hkv, Lk, D), "K_SCALE": (B, Hkv, Lk),
               "V_LO_T": (B, Hkv, D, nkb * block_size), "V_SCALE": (B, Hkv, nkb, D),
-              "HI_IDX": (B, Hq, nqb, nkb), "HI_CNT": (B, Hq, nqb), "HI_MAP": (B, Hq, nqb, nkb)}
+              "HI_IDX": (B, Hq, nqb, nkb), "HI_CNT": (B, Hq, nqb), "LO_IDX": (B, Hq, nqb, nkb),
+              "LO_CNT": (B, Hq, nqb), "HI_MAP": (B, Hq, nqb, nkb)}
     return {o.name: (shapes[o.name], dt[o.dtype]) for o in OPERANDS}
 
 

@@ -36,7 +36,7 @@ def constexprs(problem: Problem, scale: float, config: TritonConfig) -> dict:
                 FORMAT=FORMAT_CODES[cfg.format], P_MICRO=cfg.p_quant == "microblock",
                 GQA_GROUP=problem.gqa_group, P_EXACT_ROUND=interpreting(),
                 FP8_ACC_PROMOTE=contract.FP8_ACC_PROMOTE, RESCALE_SLACK=float(config.rescale_slack),
-                HI_STAGES=config.hi_stages)
+                HI_STAGES=config.hi_stages, LOW_LISTS=bool(config.low_lists))
 
 
 class TritonAttention:

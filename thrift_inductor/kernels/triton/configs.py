@@ -59,9 +59,11 @@ class TritonConfig:
     num_stages: int
     rescale_slack: float = DEFAULT_RESCALE_SLACK
     hi_stages: Optional[int] = None      # pipelining of the high-precision loop (None: Triton's default)
+    low_lists: bool = False              # low loop walks LO_IDX (block_m <= block_size) instead of every block
 
     def describe(self) -> str:
         extra = "" if self.hi_stages is None else f", hi_stages={self.hi_stages}"
+        extra += ", low_lists" if self.low_lists else ""
         return (f"BLOCK_M={self.block_m}, num_warps={self.num_warps}, num_stages={self.num_stages}, "
                 f"rescale_slack={self.rescale_slack:g}{extra}")
 
@@ -109,6 +111,8 @@ def why_not(cfg: TritonConfig, head_dim: int, dtype: torch.dtype, block_size: in
         return f"num_warps {cfg.num_warps} not in {NUM_WARPS_CHOICES}"
     if cfg.num_stages < 1 or (cfg.hi_stages is not None and cfg.hi_stages < 1):
         return f"num_stages {cfg.num_stages} / hi_stages {cfg.hi_stages} must be >= 1"
+    if cfg.low_lists and m > block_size:
+        return f"low_lists walks one query block's list: BLOCK_M {m} must be <= block_size {block_size}"
     if cfg.rescale_slack < 0:
         return f"rescale_slack {cfg.rescale_slack} must be >= 0"
     smem = shared_memory_bytes(cfg, head_dim, dtype, block_size, format)
@@ -127,21 +131,21 @@ def can_implement(cfg: TritonConfig, head_dim: int, dtype: torch.dtype, block_si
 
 
 # --- tier 1: per-arch defaults ------------------------------------------------------------------------
-# Key: (arch, head_dim). 128 query rows over 8 warps (two warpgroups, one 64-row query block each) keeps
-# two wgmma streams per SM; fp8_attn_feasibility.md / h200_calibration.md: 128-row tiles, 8 warps,
-# 3 stages are best for plain fp8 and bf16 attention on sm_90. d256 does not fit 128 rows in registers.
+# Key: (arch, head_dim, low path is fp8). Measured on the H200 (torch 2.11, Triton 3.6, 32k causal, attention
+# kernel alone; docs/perf_notes.md "Kernel v2"): 64 query rows on one warpgroup beat 128 rows on two
+# (255 registers, spills: 267-284 vs 325-340 TF/s fp8 d128); rescale_slack 0 (no block-wide max test per
+# tile) beat 8 by 4-25%; the fp8 path is faster walking LO_IDX (d64 310 vs 260 TF/s), the bf16 (FP4) path
+# walking every block densely (d128 424 vs 382). Before that change the defaults were (64, 4, 3, slack 8).
+_SM90_FP8 = TritonConfig(64, 4, 3, rescale_slack=0.0, low_lists=True)
+_SM90_BF16 = TritonConfig(64, 4, 3, rescale_slack=0.0)
 _DEFAULTS = {
-    ("sm90", 16): TritonConfig(128, 8, 3),
-    ("sm90", 32): TritonConfig(128, 8, 3),
-    ("sm90", 64): TritonConfig(128, 8, 3),
-    ("sm90", 128): TritonConfig(128, 8, 3),
-    ("sm90", 256): TritonConfig(64, 8, 2),
-    # sm_80 keeps fewer stages: 163 KB of shared memory.
-    ("sm80", 16): TritonConfig(64, 4, 2),
-    ("sm80", 32): TritonConfig(64, 4, 2),
-    ("sm80", 64): TritonConfig(64, 4, 2),
-    ("sm80", 128): TritonConfig(64, 4, 2),
-    ("sm80", 256): TritonConfig(64, 8, 1),
+    **{("sm90", d, True): _SM90_FP8 for d in (16, 32, 64, 128)},
+    **{("sm90", d, False): _SM90_BF16 for d in (16, 32, 64, 128)},
+    ("sm90", 256, True): TritonConfig(64, 8, 2, rescale_slack=0.0),
+    ("sm90", 256, False): TritonConfig(64, 8, 2, rescale_slack=0.0),
+    # sm_80 keeps fewer stages: 163 KB of shared memory. Not measured.
+    **{("sm80", d, f): TritonConfig(64, 4, 2) for d in (16, 32, 64, 128) for f in (True, False)},
+    **{("sm80", 256, f): TritonConfig(64, 8, 1) for f in (True, False)},
 }
 # The interpreter: few large programs keep interpreter overhead low (it runs programs one by one);
 # stages/warps are ignored there.
@@ -149,9 +153,9 @@ CPU_INTERPRETER_CONFIG = TritonConfig(64, 4, 1)
 
 # --- tier 2 / 3: autotune lists ------------------------------------------------------------------------
 AUTOTUNE = (
-    TritonConfig(128, 8, 3), TritonConfig(128, 8, 2), TritonConfig(128, 8, 4),
-    TritonConfig(64, 4, 3), TritonConfig(64, 4, 2), TritonConfig(64, 8, 3), TritonConfig(64, 4, 4),
-    TritonConfig(32, 4, 3),
+    _SM90_FP8, _SM90_BF16, TritonConfig(64, 4, 2, rescale_slack=0.0, low_lists=True),
+    TritonConfig(64, 4, 2, rescale_slack=0.0), TritonConfig(64, 4, 3), TritonConfig(64, 4, 4, rescale_slack=0.0),
+    TritonConfig(128, 8, 3, rescale_slack=0.0), TritonConfig(32, 4, 3, rescale_slack=0.0),
 )
 EXHAUSTIVE = tuple(TritonConfig(m, w, s) for m, w, s in
                    itertools.product(BLOCK_M_CHOICES, NUM_WARPS_CHOICES, NUM_STAGES_CHOICES))
@@ -168,7 +172,7 @@ def default_config(arch: str, dtype: torch.dtype, head_dim: int, format: str,
         preferred = CPU_INTERPRETER_CONFIG
     else:
         table_arch = arch if any(k[0] == arch for k in _DEFAULTS) else FALLBACK_ARCH
-        preferred = _DEFAULTS.get((table_arch, head_dim))
+        preferred = _DEFAULTS.get((table_arch, head_dim, format == "fp8"))
     # Small block sizes or fp32 inputs can rule the table entry out: take the largest autotune entry
     # that still fits, so every (arch, dtype, head_dim, format, block_size) has a default.
     candidates = ([preferred] if preferred else []) + sorted(AUTOTUNE, reverse=True) + sorted(EXHAUSTIVE, reverse=True)

@@ -28,7 +28,8 @@ Constexprs: SM_SCALE, BLOCK_M, BLOCK_N (== block_size), HEAD_DIM (power of two; 
 by the launcher), IS_CAUSAL (top-left), FORMAT (rounding.FORMAT_*), P_MICRO (p_quant == "microblock"),
 GQA_GROUP (Hq // Hkv), P_EXACT_ROUND (True under TRITON_INTERPRET=1: rounds P to the e4m3 grid before the
 cast, widens bf16 dot operands to fp32, rounds fp32 -> bf16 first: the interpreter's casts misround),
-FP8_ACC_PROMOTE (contract), RESCALE_SLACK and HI_STAGES (speed: TritonConfig).
+FP8_ACC_PROMOTE (contract), RESCALE_SLACK, HI_STAGES and LOW_LISTS (speed: TritonConfig; LOW_LISTS walks
+the query block's LO_IDX list instead of the dense range, for tiles inside one query block).
 Returns the normalised fp32 ``[BLOCK_M, HEAD_DIM]`` output tile (rows >= Lq hold garbage; mask the store).
 """
 from __future__ import annotations
@@ -132,7 +133,8 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
     qk = _dot(q, tl.trans(k), HIGH_IEEE, P_EXACT_ROUND, FP8_ACC_PROMOTE)
     if LOW and FORMAT == _FP8:
-        # fp8: raw = (q8 . k8) * sq * sk; the column scale is one multiply, the row scale sits in q_rowc
+        # fp8: raw = (q8 . k8) * sq * sk; the column scale is one multiply, the row scale sits in q_rowc.
+        # (Loading k_sc / v_sc before the dots was measured on the H200: no gain at d128, -20% at d64.)
         if MASKED:
             k_sc = tl.load(ks_base + offs_n * stride_ksn, mask=n_ok, other=0.0)
         else:
@@ -224,13 +226,14 @@ def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
                           HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
                           P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
                           FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
-                          HI_STAGES: tl.constexpr):
+                          HI_STAGES: tl.constexpr, LOW_LISTS: tl.constexpr):
     """T: operand pointers, S: their stride tuples, both in kernels/contract.py order."""
-    Q, K, V, Q_LO, Q_SCALE, K_LO, K_SCALE, V_LO_T, V_SCALE, HI_IDX, HI_CNT, HI_MAP = T
-    sQ, sK, sV, sQL, sQS, sKL, sKS, sVT, sVS, sHI, sHC, sHM = S
+    Q, K, V, Q_LO, Q_SCALE, K_LO, K_SCALE, V_LO_T, V_SCALE, HI_IDX, HI_CNT, LO_IDX, LO_CNT, HI_MAP = T
+    sQ, sK, sV, sQL, sQS, sKL, sKS, sVT, sVS, sHI, sHC, sLI, sLC, sHM = S
     tl.static_assert(BLOCK_N % BLOCK_M == 0 or BLOCK_M % BLOCK_N == 0,
                      "query tiles must align to query blocks (BLOCK_M | BLOCK_N or BLOCK_N | BLOCK_M)")
     tl.static_assert(not (P_MICRO and FORMAT == _FP8), "p_quant='microblock' is an FP4 scheme")
+    tl.static_assert(not LOW_LISTS or BLOCK_M <= BLOCK_N, "the low-list walk needs a tile inside one query block")
     QB_PER_TILE: tl.constexpr = BLOCK_M // BLOCK_N if BLOCK_M > BLOCK_N else 1
     off_hkv = off_hq // GQA_GROUP
     off_z64 = off_z.to(tl.int64)   # batch/head offsets can pass 2**31 elements at long context
@@ -270,18 +273,41 @@ def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
     kv_lo = (K_LO + off_z64 * sKL[0] + off_hkv64 * sKL[1], V_LO_T + off_z64 * sVT[0] + off_hkv64 * sVT[1],
              K_SCALE + off_z64 * sKS[0] + off_hkv64 * sKS[1], V_SCALE + off_z64 * sVS[0] + off_hkv64 * sVS[1])
     kv_lo_strides = (sKL[2], sKL[3], sVT[3], sVT[2], sKS[2], sVS[2], sVS[3])
-    for j in range(0, n_full):
-        keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
-        acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo, kv_lo_strides,
-                                 LOW=True, MASKED=False, HIGH_IEEE=False, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL,
-                                 FORMAT=FORMAT, P_MICRO=P_MICRO, P_EXACT_ROUND=P_EXACT_ROUND,
-                                 RESCALE_SLACK=RESCALE_SLACK, FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
-    for j in range(n_full, n_blocks):
-        keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
-        acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo, kv_lo_strides,
-                                 LOW=True, MASKED=True, HIGH_IEEE=False, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL,
-                                 FORMAT=FORMAT, P_MICRO=P_MICRO, P_EXACT_ROUND=P_EXACT_ROUND,
-                                 RESCALE_SLACK=RESCALE_SLACK, FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+    if LOW_LISTS:
+        # the tile's query block's LO_IDX list (ascending, so only its last entry can need a mask): no
+        # wasted low work on high-precision pairs, at the price of an indirect kv address per step
+        lo_row = LO_IDX + off_z64 * sLI[0] + off_hq64 * sLI[1] + qb0 * sLI[2]
+        lo_cnt = tl.load(LO_CNT + off_z64 * sLC[0] + off_hq64 * sLC[1] + qb0 * sLC[2])
+        ones = tl.full([BLOCK_M], 1.0, tl.float32)
+        for i in range(0, lo_cnt - 1):
+            j = tl.load(lo_row + i * sLI[3])
+            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, ones, j, offs_m, offs_d, Lk, kv_lo,
+                                     kv_lo_strides, LOW=True, MASKED=False, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
+                                     IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
+                                     P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
+                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+        if lo_cnt > 0:
+            j = tl.load(lo_row + (lo_cnt - 1) * sLI[3])
+            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, ones, j, offs_m, offs_d, Lk, kv_lo,
+                                     kv_lo_strides, LOW=True, MASKED=True, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
+                                     IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
+                                     P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
+                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+    else:
+        for j in range(0, n_full):
+            keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
+            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo,
+                                     kv_lo_strides, LOW=True, MASKED=False, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
+                                     IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
+                                     P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
+                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+        for j in range(n_full, n_blocks):
+            keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
+            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo,
+                                     kv_lo_strides, LOW=True, MASKED=True, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
+                                     IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
+                                     P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
+                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
 
     # ---- loop 2: input precision, the selected blocks of each query block of the tile -----------
     kv_hi = (K + off_z64 * sK[0] + off_hkv64 * sK[1], V + off_z64 * sV[0] + off_hkv64 * sV[1], K_SCALE, V_SCALE)
@@ -322,7 +348,8 @@ def thrift_attention_fwd(T, S, OUT, stride_oz, stride_oh, stride_om, stride_od, 
                          SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
                          P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
-                         FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr, HI_STAGES: tl.constexpr):
+                         FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr, HI_STAGES: tl.constexpr,
+                         LOW_LISTS: tl.constexpr):
     """The eager kernel: the tile plus a plain store (the template stores through Inductor's epilogue)."""
     start_m = thrift_attention_program(tl.program_id(0), Lq, BLOCK_M, IS_CAUSAL)
     off_zh = tl.program_id(1)
@@ -330,7 +357,7 @@ def thrift_attention_fwd(T, S, OUT, stride_oz, stride_oh, stride_om, stride_od, 
     off_hq = off_zh % HQ
     acc = thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m, SM_SCALE, BLOCK_M, BLOCK_N, HEAD_DIM,
                                 IS_CAUSAL, FORMAT, P_MICRO, GQA_GROUP, P_EXACT_ROUND, FP8_ACC_PROMOTE,
-                                RESCALE_SLACK, HI_STAGES)
+                                RESCALE_SLACK, HI_STAGES, LOW_LISTS)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     o_ptrs = (OUT + off_z.to(tl.int64) * stride_oz + off_hq.to(tl.int64) * stride_oh
