@@ -48,24 +48,30 @@ def _qkv(hq, hkv, lq, lk, d, dtype, b=1, seed=0):
     return mk(hq, lq), mk(hkv, lk), mk(hkv, lk)
 
 
-def run_case(q, k, v, cfg, causal, *, impl="triton", launch=None, scale=None, hi_idx=None):
-    """(kernel, oracle, exact) for one case; ``hi_idx`` overrides the selection kernel."""
+def run_case(q, k, v, cfg, causal, *, impl="triton", launch=None, scale=None, hi_idx=None, window=None):
+    """(kernel, oracle, exact) for one case; ``hi_idx`` overrides the selection kernel. With a ``window``
+    the selection comes from the oracle (the attention kernel is what is tested here)."""
     lq, lk, d = q.shape[2], k.shape[2], q.shape[3]
     scale = d ** -0.5 if scale is None else scale
-    problem = pipeline.make_problem(q, k, v, is_causal=causal, config=cfg)
+    problem = pipeline.make_problem(q, k, v, is_causal=causal, config=cfg, window=window)
     implementation = pipeline.implementation(problem, impl)
-    stages = pipeline.prepare(q, k, v, is_causal=causal, config=cfg, impl=implementation)
+    if window is not None:
+        hi_idx = ref.select_blocks(q, k, is_causal=causal, config=cfg, window=window) if hi_idx is None else hi_idx
+        stages = pipeline.prepare(q, k, v, is_causal=causal, config=cfg, impl=implementation, use_torch_stages=True)
+    else:
+        stages = pipeline.prepare(q, k, v, is_causal=causal, config=cfg, impl=implementation)
     if hi_idx is not None:
-        bs = cfg.block_size
-        lists = BlockLists(*(t.to(DEV) for t in ref.block_lists(hi_idx, lq, lk, bs, causal)),
-                           ref.hi_block_mask(hi_idx, lq, lk, bs, causal).to(torch.int8).to(DEV))
+        bs, w = cfg.block_size, {"window": window} if window is not None else {}
+        lists = BlockLists(*(t.to(DEV) for t in ref.block_lists(hi_idx, lq, lk, bs, causal, **w)),
+                           ref.hi_block_mask(hi_idx, lq, lk, bs, causal, **w).to(torch.int8).to(DEV))
         from thrift_inductor.kernels import contract
         stages.operands = contract.gather(*stages.operands[:3], stages.prepass, lists)
         stages.lists = lists
     out = implementation.launch(stages.operands, problem, scale, launch)[..., :d]
+    w = {} if window is None else {"window": window}
     oracle = ref.thrift_attention_reference(q, k, v, is_causal=causal, scale=scale, config=cfg,
-                                            hi_idx=stages.lists.hi_idx)
-    exact = ref.exact_attention(q, k, v, is_causal=causal, scale=scale)
+                                            hi_idx=stages.lists.hi_idx, **w)
+    exact = ref.exact_attention(q, k, v, is_causal=causal, scale=scale, **w)
     return out, oracle, exact
 
 
@@ -192,6 +198,19 @@ def test_microblock_p_quant(impl, fmt, causal):
     assert_kernel_matches_oracle(out, oracle, exact, budget=0.0)
     block, _, _ = run_case(q, k, v, cfg.replace(p_quant="block"), causal, impl=impl)
     assert (out - block).abs().max() > 1e-4     # and it is a different computation from the per-block scale
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("lq,lk,window,block_m", [(200, 200, 70, 64), (200, 200, 130, 128), (150, 150, 1, 32),
+                                                  (190, 120, 50, 128), (100, 100, 500, 64)])
+def test_sliding_window(impl, fmt, lq, lk, window, block_m):
+    """Banded attention (keys i - W < j <= i): blocks left of the band skipped, partial ones masked; ragged
+    windows and lengths, a window of 1 (each row sees itself) and one wider than the sequence."""
+    q, k, v = _qkv(2, 1, lq, lk, 64, torch.float16)
+    out, oracle, exact = run_case(q, k, v, ThriftConfig(format=fmt, fraction=0.3), True, impl=impl,
+                                  launch=TritonConfig(block_m, 8 if block_m == 128 else 4, 1), window=window)
+    assert_kernel_matches_oracle(out, oracle, exact, budget=_budget(fmt))
 
 
 def test_implementations_agree():

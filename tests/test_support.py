@@ -52,10 +52,13 @@ def test_kernel_limits_are_reasons_on_cuda_only():
     assert why_not(_problem(block_size=16, device="cpu")) is None
     reason = why_not(_problem(block_size=16, device="cuda"))
     assert reason is not None and "block_size" in reason.message
-    # a sliding window: defined by the oracle, no kernel yet -> the named reason survives
+    # a sliding window: the oracle and the Triton kernel both take it; a window needs >= 1 key
     assert semantic_why_not(_problem(window=128, device="cuda")) is None
-    assert why_not(_problem(window=128, device="cuda")).name == WINDOW
+    assert why_not(_problem(window=128, device="cuda")) is None
     assert why_not(_problem(window=0, device="cpu")).name == WINDOW
+    p = _problem(window=128, device="cuda")
+    impl = implementations()["triton"]
+    assert all(not c.low_lists for c in impl.configs(p, "autotune")), "a band is walked densely"
 
 
 def test_every_implementation_answers_for_itself():

@@ -54,20 +54,37 @@ def _prepass_fake(q, k, v, format, block_size):
 
 @torch.library.custom_op(SELECT_OP, mutates_args=(),
                          schema="(Tensor q_mean, Tensor k_mean, Tensor k_min, Tensor k_max, SymInt Lq, SymInt Lk, "
-                                "bool is_causal, str selection, float fraction, int? top_k, int block_size) "
-                                "-> Tensor[]")
+                                "bool is_causal, str selection, float fraction, int? top_k, int block_size, "
+                                "SymInt? window=None) -> Tensor[]")
 def select_op(q_mean: Tensor, k_mean: Tensor, k_min: Tensor, k_max: Tensor, Lq: int, Lk: int,
               is_causal: bool, selection: str, fraction: float, top_k: Optional[int],
-              block_size: int) -> List[Tensor]:
-    """docs/kernels.md §2 outputs, in order: hi_idx, hi_cnt, lo_idx, lo_cnt (int32), hi_map (int8)."""
+              block_size: int, window: Optional[int] = None) -> List[Tensor]:
+    """docs/kernels.md §2 outputs, in order: hi_idx, hi_cnt, lo_idx, lo_cnt (int32), hi_map (int8).
+
+    ``window``: sliding-window left context in tokens (docs/numerics.md §4a; needs is_causal), None = none;
+    the lists then hold only band blocks. Output shapes do not depend on it."""
     cfg = select_config(selection, fraction, top_k, block_size)
     fn = _select.select_stats if _use_triton(q_mean) else _select.select_stats_torch
-    return list(fn(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal=is_causal, config=cfg))
+    return list(fn(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal=is_causal, config=cfg,
+                   window=window))
+
+
+def _check_window_args(window, is_causal: bool) -> None:
+    """The window errors the real op raises that need no concrete length (a SymInt window is not compared,
+    so the fake adds no guard)."""
+    if window is None:
+        return
+    if not is_causal:
+        raise ValueError("window (a left context) needs is_causal=True")
+    if isinstance(window, bool) or (isinstance(window, int) and window < 1):
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
 
 
 @select_op.register_fake
-def _select_fake(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal, selection, fraction, top_k, block_size):
+def _select_fake(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal, selection, fraction, top_k, block_size,
+                 window=None):
     select_config(selection, fraction, top_k, block_size)       # same argument errors as the real op
+    _check_window_args(window, is_causal)
     shapes = _select.output_shapes(tuple(q_mean.shape), tuple(k_mean.shape))
     return [q_mean.new_empty(shape, dtype=dt) for shape, dt in zip(shapes.values(), _select.OUTPUT_DTYPES)]
 
@@ -78,9 +95,10 @@ def call_prepass(q: Tensor, k: Tensor, v: Tensor, fmt: str, block_size: int) -> 
 
 
 def call_select(pre: _prepass.Prepass, Lq: int, Lk: int, *, is_causal: bool,
-                config: ThriftConfig) -> _select.BlockLists:
-    """``torch.ops.thrift.select`` on a ``Prepass`` with ``config``'s selection fields, outputs named."""
+                config: ThriftConfig, window: Optional[int] = None) -> _select.BlockLists:
+    """``torch.ops.thrift.select`` on a ``Prepass`` with ``config``'s selection fields, outputs named.
+    ``window``: sliding-window left context (causal only), None = none."""
     out = torch.ops.thrift.select.default(pre.q_mean, pre.k_mean, pre.k_min, pre.k_max, Lq, Lk,
                                           bool(is_causal), config.selection, float(config.fraction),
-                                          config.top_k, int(config.block_size))
+                                          config.top_k, int(config.block_size), window)
     return _select.BlockLists(*out)

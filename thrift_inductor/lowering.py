@@ -315,8 +315,8 @@ def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, s
 
     q, k, v = (_fixed_input(x) for x in (q, k, v))
     prep = _multi_output_op(torch.ops.thrift.prepass.default, q, k, v, format, block_size)
-    sel = _multi_output_op(torch.ops.thrift.select.default, prep[6], prep[7], prep[8], prep[9], Lq, Lk,
-                           is_causal, selection, fraction, top_k, block_size)
+    sel_args = (prep[6], prep[7], prep[8], prep[9], Lq, Lk, is_causal, selection, fraction, top_k, block_size)
+    sel = _multi_output_op(torch.ops.thrift.select.default, *sel_args, *(() if window is None else (window,)))
     from .kernels.prepass import Prepass
     from .kernels.select import BlockLists
     nodes = {"input": {"q": q, "k": k, "v": v}, "prepass": dict(zip(Prepass._fields, prep)),

@@ -51,11 +51,7 @@ def _reference(q, k, v, scale, is_causal, cfg, window=None):
 
 def _kernels(q, k, v, scale, is_causal, cfg, window=None):
     from . import pipeline
-    if window is not None:
-        from .problem import Problem, why_not
-        reason = why_not(Problem.from_tensors(q, k, v, is_causal=is_causal, config=cfg, window=window))
-        raise ValueError(f"thrift attention cannot run this call: {reason}")
-    return pipeline.run(q, k, v, scale=scale, is_causal=is_causal, config=cfg).contiguous()
+    return pipeline.run(q, k, v, scale=scale, is_causal=is_causal, config=cfg, window=window).contiguous()
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=(), schema=OP_SCHEMA)

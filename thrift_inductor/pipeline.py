@@ -49,37 +49,40 @@ def implementation(problem: Problem, name: Optional[str] = None):
     return impls[0]
 
 
-def prepare(q, k, v, *, is_causal: bool, config: ThriftConfig, impl=None, use_torch_stages: bool = False) -> Stages:
+def prepare(q, k, v, *, is_causal: bool, config: ThriftConfig, impl=None, use_torch_stages: bool = False,
+            window: Optional[int] = None) -> Stages:
     """Prepass + selection (Triton kernels, or their torch twins built on the oracle) -> contract operands."""
     from .kernels import contract
     from .kernels import prepass as P
     from .kernels import select as S
-    problem = make_problem(q, k, v, is_causal=is_causal, config=config)
+    problem = make_problem(q, k, v, is_causal=is_causal, config=config, window=window)
     impl = impl or implementation(problem)
     pad = impl.kernel_head_dim(problem) - q.shape[-1]
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
     prep = (P.prepass_torch if use_torch_stages else P.prepass)(q, k, v, config.format, config.block_size)
     sel = S.select_torch if use_torch_stages else S.select
-    lists = sel(prep, q.shape[2], k.shape[2], is_causal=is_causal, config=config)
+    extra = {} if window is None else {"window": int(window)}
+    lists = sel(prep, q.shape[2], k.shape[2], is_causal=is_causal, config=config, **extra)
     return Stages(problem, contract.gather(q, k, v, prep, lists), prep, lists)
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float], is_causal: bool,
-        config: Optional[ThriftConfig] = None, impl_name: Optional[str] = None, launch_config=None) -> torch.Tensor:
+        config: Optional[ThriftConfig] = None, impl_name: Optional[str] = None, launch_config=None,
+        window: Optional[int] = None) -> torch.Tensor:
     """ThriftAttention forward on a kernel implementation: ``[B, Hq, Lq, D]`` in ``q.dtype``.
 
     ``scale=None`` means ``1/sqrt(D)`` of the real head dim (SDPA semantics). Inputs may have any strides.
     Raises ``ValueError`` with the reason when no kernel implementation takes the call.
     """
     config = config or ThriftConfig()
-    problem = make_problem(q, k, v, is_causal=is_causal, config=config)
+    problem = make_problem(q, k, v, is_causal=is_causal, config=config, window=window)
     reason = why_not(problem)
     if reason is not None:
         raise ValueError(f"thrift attention cannot run this call: {reason}")
     impl = implementation(problem, impl_name)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    stages = prepare(q, k, v, is_causal=is_causal, config=config, impl=impl)
+    stages = prepare(q, k, v, is_causal=is_causal, config=config, impl=impl, window=window)
     out = impl.launch(stages.operands, problem, scale, launch_config)
     return out[..., :D].contiguous() if out.shape[-1] != D else out

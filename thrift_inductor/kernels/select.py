@@ -11,10 +11,17 @@ Numerics (docs/numerics.md §3), exact with ``reference.select_from_stats`` + ``
   the sum: summation order does not matter and FMA contraction changes nothing.
 - local: the data-independent window of reference spec §3.5 (no scores), ascending.
 - candidates: causal ``j <= min(i, NKB - 1)`` (top-left alignment), else all NKB blocks.
+- sliding window (docs/numerics.md §4a; causal only): ``window=W`` keeps the band ``first_i <= j <= min(i, NKB-1)``
+  with ``first_i = max(0, i*bs - W + 1) // bs``; the budget k comes from ``resolve_window_top_k`` over the band's
+  candidate counts (host side, cached per shape); local = the diagonal block and the k-1 before it, not before
+  ``first_i``. ``W >= Lq`` hides nothing and runs exactly the causal path (``effective_window``).
+  The kernel takes W as a *runtime* int, 0 = no window: one binary serves every window and the global layers,
+  and no recompile happens when a dynamic length crosses W (where the window turns into plain causal).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -56,11 +63,12 @@ def output_shapes(q_mean_shape, k_mean_shape) -> dict:
             "lo_idx": (B, Hq, nqb, nkb), "lo_cnt": (B, Hq, nqb), "hi_map": (B, Hq, nqb, nkb)}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["WINDOW"])
 def _select_kernel(
     QM, KM, KMIN, KMAX,                # q_mean [B, Hq, NQB, D]; k stats [B, Hkv, NKB, D] (bf16, contiguous)
     HI, HI_CNT, LO, LO_CNT, HI_MAP,    # outputs, contiguous
-    Hq, NQB, NKB, TOP_K,               # TOP_K: resolved on the host (resolve_top_k), <= NKB
+    Hq, NQB, NKB, TOP_K,               # TOP_K: resolved on the host (resolve_top_k / resolve_window_top_k)
+    WINDOW, BLOCK_SIZE,                # WINDOW: left context in tokens, 0 = none (causal only); BLOCK_SIZE: bs
     SELECTION: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA_GROUP: tl.constexpr,
     D: tl.constexpr, KV_CHUNK: tl.constexpr, BLOCK_KV: tl.constexpr,
 ):
@@ -69,26 +77,34 @@ def _select_kernel(
     off_z = pid_bh // Hq
     off_kh = (pid_bh % Hq) // GQA_GROUP
     offs = tl.arange(0, BLOCK_KV)
+    # Candidates: kv blocks first .. end-1 (reference.candidate_range).
     if IS_CAUSAL:
-        n_cand = tl.minimum(i, NKB - 1) + 1
+        end = tl.minimum(i, NKB - 1) + 1
+        # Band start: the block's first row reaches furthest back (non-negative, so // is floor).
+        band_first = tl.maximum(i * BLOCK_SIZE - WINDOW + 1, 0) // BLOCK_SIZE
+        first = tl.minimum(tl.where(WINDOW > 0, band_first, 0), end)    # past every key: no candidate
     else:
-        n_cand = NKB
+        end = NKB
+        first = 0
+    n_cand = end - first
     n_hi = tl.minimum(TOP_K, n_cand)
-    cand = offs < n_cand
+    cand = (offs >= first) & (offs < end)
     row = (pid_bh.to(tl.int64) * NQB + i) * NKB          # start of this program's output row
     hi_ptr = HI + row
     if SELECTION == 2:
         # local: causal = the diagonal block and the k-1 before it; non-causal = a centred window.
-        end = tl.minimum(i, NKB - 1)
+        # With a window the causal window does not start before the band (first == 0 without one).
+        last = tl.minimum(i, NKB - 1)
         if IS_CAUSAL:
-            start = tl.maximum(end - TOP_K + 1, 0)
+            start = tl.maximum(last - TOP_K + 1, 0)
         else:
-            start = tl.minimum(tl.maximum(end - TOP_K // 2, 0), tl.maximum(NKB - TOP_K, 0))
+            start = tl.minimum(tl.maximum(last - TOP_K // 2, 0), tl.maximum(NKB - TOP_K, 0))
         tl.store(hi_ptr + offs, start + offs, mask=offs < n_hi)
         selected = (offs >= start) & (offs < start + n_hi)
     else:
         # Scores chunk by chunk of KV_CHUNK blocks ([KV_CHUNK, D] tiles: coalesced rows of the stats), only
-        # over candidate chunks (causal rows skip the rest); each chunk lands in its row of score2.
+        # over candidate chunks (causal rows skip the rest, banded rows also those left of the band); each
+        # chunk lands in its row of score2.
         offs_d = tl.arange(0, D)
         qd = tl.load(QM + (pid_bh.to(tl.int64) * NQB + i) * D + offs_d).to(tl.float64)
         k_base = (off_z * (Hq // GQA_GROUP) + off_kh).to(tl.int64) * NKB * D
@@ -96,9 +112,9 @@ def _select_kernel(
         chunk_ids = tl.arange(0, NCHUNK)
         offs_c = tl.arange(0, KV_CHUNK)
         score2 = tl.full((NCHUNK, KV_CHUNK), float("-inf"), tl.float64)
-        for c in range(0, tl.cdiv(n_cand, KV_CHUNK)):
+        for c in range(first // KV_CHUNK, tl.cdiv(end, KV_CHUNK)):
             offs_j = c * KV_CHUNK + offs_c
-            ok = offs_j < n_cand
+            ok = (offs_j >= first) & (offs_j < end)
             k_off = k_base + offs_j[:, None] * D + offs_d[None, :]
             if SELECTION == 0:
                 kd = tl.load(KM + k_off, mask=ok[:, None], other=0.0).to(tl.float64)
@@ -156,18 +172,32 @@ def _check_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, block_size: int
     return nqb, nkb
 
 
-def select(prepass_out, Lq: int, Lk: int, *, is_causal: bool, config: ThriftConfig) -> BlockLists:
-    """Run the Triton selection on a ``Prepass`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+@functools.lru_cache(maxsize=1024)
+def _window_top_k(nqb: int, nkb: int, block_size: int, window: int, top_k: Optional[int], fraction: float) -> int:
+    """``resolve_window_top_k`` over the band's candidate counts (oracle code on CPU tensors; cached, since
+    it loops over k and the answer depends only on these arguments)."""
+    from ..reference.selection import candidate_range, resolve_window_top_k
+
+    _, count = candidate_range(nqb, nkb, True, block_size, window)
+    return resolve_window_top_k(count, top_k, fraction)
+
+
+def select(prepass_out, Lq: int, Lk: int, *, is_causal: bool, config: ThriftConfig,
+           window: Optional[int] = None) -> BlockLists:
+    """Run the Triton selection on a ``Prepass`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+
+    ``window``: sliding-window left context W (query i sees keys ``i - W < j <= i``; causal only), None = none."""
     return select_stats(prepass_out.q_mean, prepass_out.k_mean, prepass_out.k_min, prepass_out.k_max,
-                        Lq, Lk, is_causal=is_causal, config=config)
+                        Lq, Lk, is_causal=is_causal, config=config, window=window)
 
 
 def select_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_causal: bool,
-                 config: ThriftConfig) -> BlockLists:
+                 config: ThriftConfig, window: Optional[int] = None) -> BlockLists:
     """``select`` on the four statistics tensors (what the ``thrift::select`` op receives)."""
-    from ..reference import resolve_top_k     # host-side budget rule; the oracle owns it
+    from ..reference.selection import effective_window, resolve_top_k    # host-side rules; the oracle owns them
 
     bs = config.block_size
+    window = effective_window(window, int(Lq), bool(is_causal))     # validates; None when it hides nothing
     nqb, nkb = _check_stats(q_mean, k_mean, k_min, k_max, Lq, Lk, bs, kernel=True)
     shapes = output_shapes(q_mean.shape, k_mean.shape)
     dev = q_mean.device
@@ -180,31 +210,36 @@ def select_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_causal: b
         out.lo_cnt.zero_()
         out.hi_map.zero_()
         return out
-    top_k = resolve_top_k(nkb, is_causal, config.top_k, config.fraction)
+    if window is None:
+        top_k = resolve_top_k(nkb, is_causal, config.top_k, config.fraction)
+    else:
+        top_k = _window_top_k(nqb, nkb, bs, window, config.top_k, float(config.fraction))
     block_kv = triton.next_power_of_2(nkb)
     chunk_elems = _SCORE_CHUNK_ELEMS // (2 if config.selection == "quest" else 1)
     kv_chunk = max(1, min(block_kv, chunk_elems // D))
     _select_kernel[(nqb, B * Hq)](
         q_mean.contiguous(), k_mean.contiguous(), k_min.contiguous(), k_max.contiguous(), *out,
-        Hq, nqb, nkb, top_k,
+        Hq, nqb, nkb, top_k, 0 if window is None else window, bs,
         SELECTION=SELECTION_CODES[config.selection], IS_CAUSAL=bool(is_causal),
         GQA_GROUP=Hq // k_mean.shape[1], D=D, KV_CHUNK=kv_chunk, BLOCK_KV=block_kv,
         num_warps=_NUM_WARPS)
     return out
 
 
-def select_torch(prepass_out, Lq: int, Lk: int, *, is_causal: bool, config: ThriftConfig) -> BlockLists:
+def select_torch(prepass_out, Lq: int, Lk: int, *, is_causal: bool, config: ThriftConfig,
+                 window: Optional[int] = None) -> BlockLists:
     """The same §2 lists from the oracle (``select_from_stats`` then ``block_lists``)."""
     return select_stats_torch(prepass_out.q_mean, prepass_out.k_mean, prepass_out.k_min, prepass_out.k_max,
-                              Lq, Lk, is_causal=is_causal, config=config)
+                              Lq, Lk, is_causal=is_causal, config=config, window=window)
 
 
 def select_stats_torch(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_causal: bool,
-                       config: ThriftConfig) -> BlockLists:
+                       config: ThriftConfig, window: Optional[int] = None) -> BlockLists:
     from .. import reference as ref
 
     bs = config.block_size
     _check_stats(q_mean, k_mean, k_min, k_max, Lq, Lk, bs, kernel=False)
-    hi = ref.select_from_stats(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal=is_causal, config=config)
-    hi_map = ref.hi_block_mask(hi, Lq, Lk, bs, is_causal).to(torch.int8)
-    return BlockLists(*ref.block_lists(hi, Lq, Lk, bs, is_causal), hi_map)
+    hi = ref.select_from_stats(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal=is_causal, config=config,
+                               window=window)
+    hi_map = ref.hi_block_mask(hi, Lq, Lk, bs, is_causal, window).to(torch.int8)
+    return BlockLists(*ref.block_lists(hi, Lq, Lk, bs, is_causal, window), hi_map)

@@ -6,6 +6,7 @@ Configs: ``configs.py`` (``TritonConfig``, defaults and autotune tiers).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -13,7 +14,7 @@ import torch
 import triton
 
 from ...constants import MAX_KV_BLOCKS_SELECT
-from ...problem import HEAD_DIM, NO_KERNEL, WINDOW, Problem, Reason, interpreting
+from ...problem import HEAD_DIM, NO_KERNEL, Problem, Reason, interpreting
 from .. import contract
 from ..rounding import FORMAT_CODES
 from . import configs as C
@@ -36,7 +37,8 @@ def constexprs(problem: Problem, scale: float, config: TritonConfig) -> dict:
                 FORMAT=FORMAT_CODES[cfg.format], P_MICRO=cfg.p_quant == "microblock",
                 GQA_GROUP=problem.gqa_group, P_EXACT_ROUND=interpreting(),
                 FP8_ACC_PROMOTE=contract.FP8_ACC_PROMOTE, RESCALE_SLACK=float(config.rescale_slack),
-                HI_STAGES=config.hi_stages, LOW_LISTS=bool(config.low_lists))
+                HI_STAGES=config.hi_stages, LOW_LISTS=bool(config.low_lists),
+                WINDOW=int(problem.window or 0))
 
 
 class TritonAttention:
@@ -49,8 +51,6 @@ class TritonAttention:
         cfg = problem.config
         if problem.device_type not in ("cuda", "cpu") or (problem.device_type == "cpu" and not interpreting()):
             return Reason(NO_KERNEL, f"Triton runs on CUDA (or CPU under TRITON_INTERPRET=1), not {problem.device_type}")
-        if problem.window is not None:
-            return Reason(WINDOW, "the Triton kernel has no sliding window yet")
         hd = self.kernel_head_dim(problem)
         if hd not in C.HEAD_DIMS:
             return Reason(HEAD_DIM, f"head dim {problem.head_dim} pads to {hd}, not in {C.HEAD_DIMS}")
@@ -68,11 +68,16 @@ class TritonAttention:
 
     def configs(self, problem: Problem, search: str = "default") -> list:
         cfg = problem.config
-        return C.candidate_configs(problem.arch, problem.dtype, self.kernel_head_dim(problem), cfg.format,
-                                   cfg.block_size, search=search)
+        configs = C.candidate_configs(problem.arch, problem.dtype, self.kernel_head_dim(problem), cfg.format,
+                                      cfg.block_size, search=search)
+        if problem.window is not None:     # a band is walked densely (the lists would need per-step masks)
+            configs = list(dict.fromkeys(dataclasses.replace(c, low_lists=False) for c in configs))
+        return configs
 
     def config_why_not(self, problem: Problem, config: TritonConfig) -> Optional[str]:
         cfg = problem.config
+        if problem.window is not None and config.low_lists:
+            return "a sliding window walks the dense band (low_lists is off for windows)"
         return C.why_not(config, self.kernel_head_dim(problem), problem.dtype, cfg.block_size,
                          format=cfg.format, arch=problem.arch)
 

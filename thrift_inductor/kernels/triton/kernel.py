@@ -29,7 +29,8 @@ by the launcher), IS_CAUSAL (top-left), FORMAT (rounding.FORMAT_*), P_MICRO (p_q
 GQA_GROUP (Hq // Hkv), P_EXACT_ROUND (True under TRITON_INTERPRET=1: rounds P to the e4m3 grid before the
 cast, widens bf16 dot operands to fp32, rounds fp32 -> bf16 first: the interpreter's casts misround),
 FP8_ACC_PROMOTE (contract), RESCALE_SLACK, HI_STAGES and LOW_LISTS (speed: TritonConfig; LOW_LISTS walks
-the query block's LO_IDX list instead of the dense range, for tiles inside one query block).
+the query block's LO_IDX list instead of the dense range, for tiles inside one query block), WINDOW (the
+sliding window W, 0 = none: the band i - W < j <= i; blocks left of the band are skipped, partial ones masked).
 Returns the normalised fp32 ``[BLOCK_M, HEAD_DIM]`` output tile (rows >= Lq hold garbage; mask the store).
 """
 from __future__ import annotations
@@ -117,7 +118,8 @@ def _dot(a, b, IEEE: tl.constexpr, P_EXACT_ROUND: tl.constexpr, FP8_ACC_PROMOTE:
 def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_strides,
              LOW: tl.constexpr, MASKED: tl.constexpr, HIGH_IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
              IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr, P_MICRO: tl.constexpr,
-             P_EXACT_ROUND: tl.constexpr, RESCALE_SLACK: tl.constexpr, FP8_ACC_PROMOTE: tl.constexpr):
+             P_EXACT_ROUND: tl.constexpr, RESCALE_SLACK: tl.constexpr, FP8_ACC_PROMOTE: tl.constexpr,
+             WINDOW: tl.constexpr):
     """q_rowc: per-row factor [BLOCK_M] taking the raw dot product to the log2 score (scale*log2e, and
     the fp8 q scale). keep: per-row 1.0 / 0.0, whether this step contributes to the row.
     kv = (k, v, k_scale, v_scale) bases at the (batch, kv head); kv_strides = their token/channel strides."""
@@ -144,6 +146,8 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_
         visible = n_ok[None, :]
         if IS_CAUSAL:
             visible = visible & (offs_m[:, None] >= offs_n[None, :])
+        if WINDOW > 0:
+            visible = visible & (offs_n[None, :] > offs_m[:, None] - WINDOW)
         qk = tl.where(visible, qk, float("-inf"))
     # block row max in raw units; q_rowc > 0, so max(qk * c) == max(qk) * c
     b = tl.max(qk, 1) * q_rowc
@@ -226,7 +230,7 @@ def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
                           HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
                           P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
                           FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
-                          HI_STAGES: tl.constexpr, LOW_LISTS: tl.constexpr):
+                          HI_STAGES: tl.constexpr, LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr):
     """T: operand pointers, S: their stride tuples, both in kernels/contract.py order."""
     Q, K, V, Q_LO, Q_SCALE, K_LO, K_SCALE, V_LO_T, V_SCALE, HI_IDX, HI_CNT, LO_IDX, LO_CNT, HI_MAP = T
     sQ, sK, sV, sQL, sQS, sKL, sKS, sVT, sVS, sHI, sHC, sLI, sLC, sHM = S
@@ -234,6 +238,8 @@ def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
                      "query tiles must align to query blocks (BLOCK_M | BLOCK_N or BLOCK_N | BLOCK_M)")
     tl.static_assert(not (P_MICRO and FORMAT == _FP8), "p_quant='microblock' is an FP4 scheme")
     tl.static_assert(not LOW_LISTS or BLOCK_M <= BLOCK_N, "the low-list walk needs a tile inside one query block")
+    tl.static_assert(not (LOW_LISTS and WINDOW > 0), "a sliding window walks the dense band")
+    tl.static_assert(WINDOW == 0 or IS_CAUSAL, "a sliding window is causal")
     QB_PER_TILE: tl.constexpr = BLOCK_M // BLOCK_N if BLOCK_M > BLOCK_N else 1
     off_hkv = off_hq // GQA_GROUP
     off_z64 = off_z.to(tl.int64)   # batch/head offsets can pass 2**31 elements at long context
@@ -250,12 +256,21 @@ def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
     qk_scale: tl.constexpr = SM_SCALE * _LOG2E   # exp(x) == exp2(x * log2e)
     # candidate kv blocks of the tile, and how many are fully visible to every row (no mask needed)
     nkb = tl.cdiv(Lk, BLOCK_N)
+    row_last = tl.minimum(row0 + BLOCK_M, Lq) - 1
     if IS_CAUSAL:
-        n_blocks = tl.minimum((tl.minimum(row0 + BLOCK_M, Lq) - 1) // BLOCK_N + 1, nkb)
+        n_blocks = tl.minimum(row_last // BLOCK_N + 1, nkb)
         n_full = tl.minimum(row0 // BLOCK_N, Lk // BLOCK_N)
     else:
         n_blocks = nkb
         n_full = Lk // BLOCK_N
+    if WINDOW > 0:
+        # the band i - W < j <= i: blocks left of the first row's band are skipped, blocks that start
+        # inside every row's band need no left mask; [j_lo, j_mid) masked, [j_mid, n_full) not, the rest masked
+        j_lo = tl.maximum(row0 - WINDOW + 1, 0) // BLOCK_N
+        j_mid = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(row_last - WINDOW + 1, 0), BLOCK_N), j_lo), n_full)
+    else:
+        j_lo = 0
+        j_mid = 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -285,29 +300,36 @@ def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
                                      kv_lo_strides, LOW=True, MASKED=False, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
                                      IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
                                      P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
-                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
         if lo_cnt > 0:
             j = tl.load(lo_row + (lo_cnt - 1) * sLI[3])
             acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, ones, j, offs_m, offs_d, Lk, kv_lo,
                                      kv_lo_strides, LOW=True, MASKED=True, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
                                      IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
                                      P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
-                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
     else:
-        for j in range(0, n_full):
+        for j in range(j_lo, j_mid):
+            keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
+            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo,
+                                     kv_lo_strides, LOW=True, MASKED=True, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
+                                     IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
+                                     P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
+                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
+        for j in range(j_mid, n_full):
             keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
             acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo,
                                      kv_lo_strides, LOW=True, MASKED=False, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
                                      IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
                                      P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
-                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
         for j in range(n_full, n_blocks):
             keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
             acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo,
                                      kv_lo_strides, LOW=True, MASKED=True, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
                                      IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
                                      P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
-                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
 
     # ---- loop 2: input precision, the selected blocks of each query block of the tile -----------
     kv_hi = (K + off_z64 * sK[0] + off_hkv64 * sK[1], V + off_z64 * sV[0] + off_hkv64 * sV[1], K_SCALE, V_SCALE)
@@ -327,7 +349,7 @@ def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
                                          kv_hi_strides, LOW=False, MASKED=True, HIGH_IEEE=HIGH_IEEE,
                                          BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
                                          P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
-                                         FP8_ACC_PROMOTE=FP8_ACC_PROMOTE)
+                                         FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
 
     # l == 0 only when the row saw no key at all (no candidates): the contract says output 0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -349,7 +371,7 @@ def thrift_attention_fwd(T, S, OUT, stride_oz, stride_oh, stride_om, stride_od, 
                          HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
                          P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
                          FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr, HI_STAGES: tl.constexpr,
-                         LOW_LISTS: tl.constexpr):
+                         LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr):
     """The eager kernel: the tile plus a plain store (the template stores through Inductor's epilogue)."""
     start_m = thrift_attention_program(tl.program_id(0), Lq, BLOCK_M, IS_CAUSAL)
     off_zh = tl.program_id(1)
@@ -357,7 +379,7 @@ def thrift_attention_fwd(T, S, OUT, stride_oz, stride_oh, stride_om, stride_od, 
     off_hq = off_zh % HQ
     acc = thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m, SM_SCALE, BLOCK_M, BLOCK_N, HEAD_DIM,
                                 IS_CAUSAL, FORMAT, P_MICRO, GQA_GROUP, P_EXACT_ROUND, FP8_ACC_PROMOTE,
-                                RESCALE_SLACK, HI_STAGES, LOW_LISTS)
+                                RESCALE_SLACK, HI_STAGES, LOW_LISTS, WINDOW)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     o_ptrs = (OUT + off_z.to(tl.int64) * stride_oz + off_hq.to(tl.int64) * stride_oh
