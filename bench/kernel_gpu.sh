@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED=1
 MODE=${1:-quick}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail "$OUT/install.log"; exit 1; }
+python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail "$OUT/install.log"; exit 1; }
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if [ "$MODE" = quick ]; then
   timeout 240 python -m pytest -q -x tests/test_kernel_matrix.py tests/test_support.py \

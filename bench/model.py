@@ -128,6 +128,8 @@ def _callable(model, path: str):
     if path == "inductor":
         return torch.compile(model)
     fmt = path.split("-", 1)[1]
+    from thrift_inductor import backend
+    backend.register()      # the entry point is missing when pip installed into another interpreter
     return torch.compile(model, backend="thrift", options={"thrift.format": fmt})
 
 
@@ -180,7 +182,9 @@ def _progress(items, enabled: bool):
         return lines()
 
 
-def run(models, lengths, paths, device: str, lm_head: bool, progress: bool = True) -> list[Row]:
+def run(models, lengths, paths, device: str, lm_head: bool, progress: bool = True, on_row=None) -> list[Row]:
+    """Every (model, length, path) job; ``on_row(rows)`` after each (a run cut off by a device time limit
+    still leaves its finished rows)."""
     import transformers
     from common import git_commit
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -207,6 +211,9 @@ def run(models, lengths, paths, device: str, lm_head: bool, progress: bool = Tru
             row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         _free(device)
         rows.append(row)
+        if on_row is not None:
+            _fill_speedups(rows)
+            on_row(rows)
     _fill_speedups(rows)
     return rows
 
@@ -283,10 +290,11 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     paths = args.paths or [*STOCK_PATHS, *(f"thrift-{f}" for f in args.formats)]
-    rows = run(args.models, args.lengths, paths, args.device, args.lm_head, progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = gpu_tag(args.device)
+    rows = run(args.models, args.lengths, paths, args.device, args.lm_head, progress=not args.no_progress,
+               on_row=lambda rs: write_csv(rs, out / f"model_{tag}.csv"))
     write_csv(rows, out / f"model_{tag}.csv")
     text = markdown(rows, f"Whole-model prefill, {tag} ({'with' if args.lm_head else 'without'} lm_head)")
     (out / f"model_{tag}.md").write_text(text)

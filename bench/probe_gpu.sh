@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED=1
 CONFIGS=$1
 N=${2:-32768}
 OUT=${OUT:-/tmp/out}
-pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail "$OUT/install.log"; exit 1; }
+python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail "$OUT/install.log"; exit 1; }
 for D in 128 64; do
   if [ -d .prev ]; then
     (cd .prev && PYTHONPATH=. timeout 60 python bench/launch_probe.py --n "$N" --d $D --formats fp8,nvfp4 2>&1 \

@@ -26,6 +26,7 @@ WINDOW_CASES = [
     (1, 2, 1, 130, 130, 16, 37, 0.3, None),    # ragged window and length, GQA
     (1, 2, 2, 100, 77, 16, 20, 0.5, None),     # Lq > Lk: rows past the last kv block
     (1, 1, 1, 160, 40, 16, 10, 0.5, None),     # Lq >> Lk: late query blocks have no band block at all
+    (1, 2, 1, 160, 64, 16, 40, 0.8, None),     # Lq > Lk: late rows keep fewer than k band blocks (local clips)
     (1, 2, 1, 64, 200, 16, 33, 0.25, None),    # Lq < Lk
     (1, 2, 1, 80, 80, 16, 1, 0.5, None),       # W = 1: only the diagonal block
     (1, 2, 1, 96, 96, 16, 32, 1.0, None),      # W a block multiple, every band block selected

@@ -1,9 +1,10 @@
 """``python -m thrift_inductor.demo``: compile a small GPT with ``backend="thrift"`` and show what happened.
 
-The model has seeded random weights (no pretrained model loads offline in under a minute on CPU; see
-/work/shared/design/eval_data.md). It prints the ``explain()`` table, the error of three configs against
-exact attention, on the model's logits and, when the real SmolLM2 Q/K/V capture is available, on real
-attention inputs; on a GPU also timings against stock Inductor. Runs in well under a minute on CPU.
+The model has seeded random weights (no pretrained model loads offline in under a minute on CPU). It
+prints the ``explain()`` table, the error of three configs against exact attention, on the model's logits
+and, when the real SmolLM2 Q/K/V capture is available (``THRIFT_QKV_PATH``, ``.data/`` in the checkout or
+``../shared/data/`` beside it), on real attention inputs; on a GPU also timings against stock Inductor, for
+the small model and for one HF Llama-3-8B-sized decoder layer at 16k tokens. Well under a minute on CPU.
 """
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ from .config import ThriftConfig
 
 SEED = 0
 VOCAB, DIM, N_HEAD, N_KV_HEAD, N_LAYER = 512, 256, 4, 2, 2      # head dim 64, GQA 2
-REAL_QKV = "/work/shared/data/smollm2_emma_8k_qkv.safetensors"
+REAL_QKV_NAME = "smollm2_emma_8k_qkv.safetensors"
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where the capture may live, relative to the checkout (an installed wheel has none of these)
+REAL_QKV_CANDIDATES = (os.path.join(_REPO, ".data", REAL_QKV_NAME),
+                       os.path.join(_REPO, "..", "shared", "data", REAL_QKV_NAME))
+HF_SEQ = 16384                  # the GPU speed row: long enough that attention dominates the layer
 REAL_LAYER, REAL_TOKENS, REAL_Q_HEADS = 15, 1024, 3             # a deep layer: where FP4 alone hurts most
 
 VARIANTS = {
@@ -77,8 +83,9 @@ def _options(cfg: ThriftConfig) -> dict:
 
 def _real_attention_errors(device, dtype):
     """Relative L2 error vs fp64 exact attention on real SmolLM2 Q/K/V (None if the file is absent)."""
-    path = os.environ.get("THRIFT_QKV_PATH", REAL_QKV)
-    if not os.path.exists(path):
+    paths = [os.environ.get("THRIFT_QKV_PATH", ""), *REAL_QKV_CANDIDATES]
+    path = next((p for p in paths if p and os.path.exists(p)), None)
+    if path is None:
         return None
     from safetensors import safe_open
     from .reference import exact_attention
@@ -94,6 +101,38 @@ def _real_attention_errors(device, dtype):
         y = attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True, config=cfg).double()
         out[name] = float((y - exact).norm() / exact.norm())
     return out
+
+
+def _hf_llama_speed(seq: int = HF_SEQ) -> None:
+    """One HF Llama decoder layer at Llama-3-8B dimensions (random init, bf16): eager HF, stock Inductor
+    (HF materialises the causal mask under compile), thrift nvfp4 / fp8. Skipped without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        print("\n(HF speed row skipped: transformers is not installed)")
+        return
+    from . import backend
+    backend.register()
+    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                   num_key_value_heads=8, num_hidden_layers=1, vocab_size=32000,
+                                   max_position_embeddings=seq, attn_implementation="sdpa")
+    torch.manual_seed(SEED)
+    model = transformers.LlamaModel(cfg).to("cuda", torch.bfloat16).eval()
+    idx = torch.randint(0, cfg.vocab_size, (1, seq), device="cuda")
+    print(f"\nHF Llama-3-8B-sized decoder layer, {seq} tokens, bf16 (ms, CUDA events):")
+    paths = {"eager HF (SDPA is_causal)": lambda: model,
+             "stock inductor": lambda: torch.compile(model),
+             "thrift nvfp4 5%": lambda: torch.compile(model, backend="thrift", options={"thrift.format": "nvfp4"}),
+             "thrift fp8 5%": lambda: torch.compile(model, backend="thrift", options={"thrift.format": "fp8"})}
+    with torch.no_grad():
+        for name, make in paths.items():
+            torch._dynamo.reset()
+            try:
+                print(f"  {name:<36} {_bench_ms(make(), idx, iters=5):.1f}")
+            except Exception as exc:      # a demo row must not hide the others
+                print(f"  {name:<36} failed: {type(exc).__name__}: {str(exc)[:120]}")
+    del model
+    torch.cuda.empty_cache()
 
 
 def _bench_ms(fn, *args, iters: int = 20) -> float:
@@ -153,6 +192,7 @@ def main(argv=None) -> None:
                 torch._dynamo.reset()
                 fn = torch.compile(model, backend="thrift", options=_options(cfg))
                 print(f"  {name:<36} {_bench_ms(fn, idx):.3f}")
+        _hf_llama_speed()
     print(f"\ndone in {time.time() - t0:.1f} s")
 
 

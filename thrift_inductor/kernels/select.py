@@ -96,7 +96,7 @@ def _select_kernel(
         # With a window the causal window does not start before the band (first == 0 without one).
         last = tl.minimum(i, NKB - 1)
         if IS_CAUSAL:
-            start = tl.maximum(last - TOP_K + 1, 0)
+            start = tl.maximum(tl.maximum(last - TOP_K + 1, 0), first)
         else:
             start = tl.minimum(tl.maximum(last - TOP_K // 2, 0), tl.maximum(NKB - TOP_K, 0))
         tl.store(hi_ptr + offs, start + offs, mask=offs < n_hi)
