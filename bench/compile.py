@@ -58,22 +58,12 @@ KERNEL_HEADS, KERNEL_KV_HEADS = 8, 2
 CHILD = textwrap.dedent("""
     import json, sys, time, torch, torch.nn as nn, torch.nn.functional as F
     from torch._dynamo.utils import counters
-    from torch._inductor import select_algorithm
-    from torch._inductor.runtime import triton_heuristics
     from thrift_inductor import backend, cli
+    from thrift_inductor.autotune_counters import count_benchmarks
     backend.register()
     L, MODE, IMPORT, EXPORT = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     D, H, HKV, HD, MLP, LAYERS, FRACTION = {dim}, {heads}, {kv_heads}, {head_dim}, {mlp}, {layers}, {fraction}
-
-    calls = {{"selections": 0, "runtime_autotune": 0}}
-    def count(cls, name, key):
-        inner = getattr(cls, name)
-        def wrapper(*args, **kwargs):
-            calls[key] += 1
-            return inner(*args, **kwargs)
-        setattr(cls, name, wrapper)
-    count(select_algorithm.AlgorithmSelectorCache, "__call__", "selections")
-    count(triton_heuristics.CachingAutotuner, "benchmark_all_configs", "runtime_autotune")
+    calls = count_benchmarks()
     if IMPORT != "-":
         cli.import_cache(IMPORT)
 

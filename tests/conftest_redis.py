@@ -85,3 +85,24 @@ def redis_server(tmp_path):
 @pytest.fixture
 def redis_url(redis_server) -> str:
     return redis_server.url
+
+
+@pytest.fixture
+def isolated(monkeypatch, tmp_path):
+    """No Redis, sharing URL or signing key from the environment, a private autotune store, warnings
+    re-armed, a fresh Inductor cache and Dynamo state (cache tests; import the fixture by name)."""
+    import torch
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    from thrift_inductor import autotune_store, cli, remote_cache
+    for env in (autotune_store.REDIS_ENV, remote_cache.INDUCTOR_URL_ENV, cli.SIGNING_KEY_ENV):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setenv(autotune_store.STORE_ENV, str(tmp_path / "store.json"))
+    monkeypatch.setattr(remote_cache, "_warned_down", set())
+    monkeypatch.setattr(autotune_store, "_STORES", {})
+    torch._dynamo.reset()
+    counters.clear()
+    with fresh_cache():
+        yield
+    torch._dynamo.reset()

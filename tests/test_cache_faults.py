@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest_redis import redis_server  # noqa: F401  (fixture)
+from conftest_redis import isolated, redis_server  # noqa: F401  (fixtures)
 from torch._dynamo.utils import counters
-from torch._inductor.utils import fresh_cache
 
-from thrift_inductor import autotune_store, backend, cli, remote_cache
+from thrift_inductor import autotune_store, backend, cli
 
 REPO = Path(__file__).resolve().parents[1]
 WRITERS = 2
@@ -32,21 +31,6 @@ WRITER_TIMEOUT_S = 120
 BARRIER_POLL_S = 0.01
 # Unsigned test archives warn about origin on import; tests that care about that catch it themselves.
 pytestmark = pytest.mark.filterwarnings("ignore:.*origin not verified:RuntimeWarning")
-
-
-@pytest.fixture
-def isolated(monkeypatch, tmp_path):
-    """No Redis from the environment, a private store, warnings re-armed, a fresh Inductor cache."""
-    monkeypatch.delenv(autotune_store.REDIS_ENV, raising=False)
-    monkeypatch.delenv(cli.SIGNING_KEY_ENV, raising=False)
-    monkeypatch.setenv(autotune_store.STORE_ENV, str(tmp_path / "store.json"))
-    monkeypatch.setattr(remote_cache, "_warned_down", set())
-    monkeypatch.setattr(autotune_store, "_STORES", {})
-    torch._dynamo.reset()
-    counters.clear()
-    with fresh_cache():
-        yield
-    torch._dynamo.reset()
 
 
 def attention(q, k, v):

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest_redis import free_port, redis_server, redis_url  # noqa: F401  (fixtures)
+from conftest_redis import free_port, isolated, redis_server, redis_url  # noqa: F401  (fixtures)
 from torch._dynamo.utils import counters
-from torch._inductor.utils import fresh_cache
 
 from thrift_inductor import autotune_store, backend, remote_cache
 
@@ -36,21 +35,11 @@ FX_GRAPH_KEY_PATTERN = "pt2:fx-graph-v1::*"
 CHILD = textwrap.dedent("""
     import json, sys, torch
     from torch._dynamo.utils import counters
-    from torch._inductor import select_algorithm
-    from torch._inductor.runtime import triton_heuristics
     import models
     from thrift_inductor import backend
+    from thrift_inductor.autotune_counters import count_benchmarks
     backend.register()
-
-    calls = {"select_algorithm": 0, "benchmark_all_configs": 0}
-    def counting(cls, name, key):
-        inner = getattr(cls, name)
-        def wrapper(*args, **kwargs):
-            calls[key] += 1
-            return inner(*args, **kwargs)
-        setattr(cls, name, wrapper)
-    counting(select_algorithm.AlgorithmSelectorCache, "__call__", "select_algorithm")
-    counting(triton_heuristics.CachingAutotuner, "benchmark_all_configs", "benchmark_all_configs")
+    calls = count_benchmarks()
 
     torch.manual_seed(0)
     model = models.GptFastAttention().eval()
@@ -81,13 +70,13 @@ def test_second_machine_compiles_from_redis_with_zero_benchmarks(tmp_path, redis
     a, out_a = run_machine(tmp_path, "a", redis_server.url)
     assert a["thrift"].get("rewritten", 0) >= 1, a
     assert a["inductor"].get("fxgraph_cache_miss", 0) >= 1, a
-    assert a["calls"]["select_algorithm"] >= 1, "the counting hook saw nothing: it would prove nothing in B"
+    assert a["calls"]["selections"] >= 1, "the counting hook saw nothing: it would prove nothing in B"
     assert redis_server.client().keys(FX_GRAPH_KEY_PATTERN), "process A wrote no FX graph to Redis"
 
     b, out_b = run_machine(tmp_path, "b", redis_server.url)
     assert b["inductor"].get("fxgraph_cache_hit", 0) >= 1, b
     assert b["inductor"].get("fxgraph_cache_miss", 0) == 0, b
-    assert b["calls"] == {"select_algorithm": 0, "benchmark_all_configs": 0}, b
+    assert b["calls"] == {"selections": 0, "runtime_autotune": 0}, b
     assert b["thrift"].get("autotune_store_miss", 0) == 0, b
     assert b["thrift"].get("rewritten", 0) == 0, "AOTAutograd entry not shared: the rewrite pass ran again"
     assert torch.equal(out_a, out_b)
@@ -106,20 +95,6 @@ def compile_small(options=None):
     q, k, v = (torch.randn(1, 2, 64, 64) for _ in range(3))
     with torch.no_grad(), torch._inductor.config.patch(cpu_backend="cpp"):
         return torch.compile(attention, backend="thrift", options=options)(q, k, v)
-
-
-@pytest.fixture
-def isolated(monkeypatch, tmp_path):
-    """No sharing from the environment, a private store, warnings re-armed, a fresh Inductor cache."""
-    monkeypatch.delenv(autotune_store.REDIS_ENV, raising=False)
-    monkeypatch.delenv(remote_cache.INDUCTOR_URL_ENV, raising=False)
-    monkeypatch.setenv(autotune_store.STORE_ENV, str(tmp_path / "store.json"))
-    monkeypatch.setattr(remote_cache, "_warned_down", set())
-    monkeypatch.setattr(autotune_store, "_STORES", {})
-    counters.clear()
-    with fresh_cache():
-        yield
-    torch._dynamo.reset()
 
 
 def test_options_key_shares_one_compile_and_leaves_no_global_state(isolated, redis_server):

@@ -131,8 +131,6 @@ def _hf_llama_speed(seq: int = HF_SEQ) -> None:
                 print(f"  {name:<36} {_bench_ms(make(), idx, iters=5):.1f}")
             except Exception as exc:      # a demo row must not hide the others
                 print(f"  {name:<36} failed: {type(exc).__name__}: {str(exc)[:120]}")
-    del model
-    torch.cuda.empty_cache()
 
 
 def _bench_ms(fn, *args, iters: int = 20) -> float:

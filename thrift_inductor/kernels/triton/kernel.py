@@ -225,6 +225,30 @@ def _low_keep(map_base, stride_m, stride_k, j, qb0, nqb, qb_row, QB_PER_TILE: tl
 
 
 @triton.jit
+def _low_range(acc, l_i, m_i, start, end, low, walk, MASKED: tl.constexpr, FROM_LIST: tl.constexpr,
+               QB_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
+               P_MICRO: tl.constexpr, P_EXACT_ROUND: tl.constexpr, RESCALE_SLACK: tl.constexpr,
+               FP8_ACC_PROMOTE: tl.constexpr, WINDOW: tl.constexpr):
+    """Low-precision steps ``start <= i < end`` on kv block ``LO_IDX[i]`` (FROM_LIST) or block ``i`` with the
+    HI_MAP row factor. low = (q_lo, q_rowc, offs_m, offs_d, Lk, kv, kv_strides); walk = (lo_row, lo stride,
+    map base, map strides (query block, kv block), qb0, nqb, qb_row)."""
+    q_lo, q_rowc, offs_m, offs_d, Lk, kv, kv_strides = low
+    lo_row, stride_lo, map_base, stride_mm, stride_mk, qb0, nqb, qb_row = walk
+    for i in range(start, end):
+        if FROM_LIST:
+            j = tl.load(lo_row + i * stride_lo)
+            keep = tl.full(qb_row.shape, 1.0, tl.float32)
+        else:
+            j = i
+            keep = _low_keep(map_base, stride_mm, stride_mk, j, qb0, nqb, qb_row, QB_PER_TILE)
+        acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv, kv_strides,
+                                 LOW=True, MASKED=MASKED, HIGH_IEEE=False, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL,
+                                 FORMAT=FORMAT, P_MICRO=P_MICRO, P_EXACT_ROUND=P_EXACT_ROUND,
+                                 RESCALE_SLACK=RESCALE_SLACK, FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
                           SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
@@ -288,48 +312,26 @@ def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
     kv_lo = (K_LO + off_z64 * sKL[0] + off_hkv64 * sKL[1], V_LO_T + off_z64 * sVT[0] + off_hkv64 * sVT[1],
              K_SCALE + off_z64 * sKS[0] + off_hkv64 * sKS[1], V_SCALE + off_z64 * sVS[0] + off_hkv64 * sVS[1])
     kv_lo_strides = (sKL[2], sKL[3], sVT[3], sVT[2], sKS[2], sVS[2], sVS[3])
+    low = (q_lo, q_rowc, offs_m, offs_d, Lk, kv_lo, kv_lo_strides)
+    lo_row = LO_IDX + off_z64 * sLI[0] + off_hq64 * sLI[1] + qb0 * sLI[2]
+    walk = (lo_row, sLI[3], map_base, sHM[2], sHM[3], qb0, nqb, qb_row)
     if LOW_LISTS:
         # the tile's query block's LO_IDX list (ascending, so only its last entry can need a mask): no
         # wasted low work on high-precision pairs, at the price of an indirect kv address per step
-        lo_row = LO_IDX + off_z64 * sLI[0] + off_hq64 * sLI[1] + qb0 * sLI[2]
         lo_cnt = tl.load(LO_CNT + off_z64 * sLC[0] + off_hq64 * sLC[1] + qb0 * sLC[2])
-        ones = tl.full([BLOCK_M], 1.0, tl.float32)
-        for i in range(0, lo_cnt - 1):
-            j = tl.load(lo_row + i * sLI[3])
-            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, ones, j, offs_m, offs_d, Lk, kv_lo,
-                                     kv_lo_strides, LOW=True, MASKED=False, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
-                                     IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
-                                     P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
-                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
-        if lo_cnt > 0:
-            j = tl.load(lo_row + (lo_cnt - 1) * sLI[3])
-            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, ones, j, offs_m, offs_d, Lk, kv_lo,
-                                     kv_lo_strides, LOW=True, MASKED=True, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
-                                     IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
-                                     P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
-                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
+        acc, l_i, m_i = _low_range(acc, l_i, m_i, 0, lo_cnt - 1, low, walk, False, True, QB_PER_TILE, BLOCK_N,
+                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW)
+        acc, l_i, m_i = _low_range(acc, l_i, m_i, tl.maximum(lo_cnt - 1, 0), lo_cnt, low, walk, True, True, QB_PER_TILE,
+                                   BLOCK_N, IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE,
+                                   WINDOW)
     else:
-        for j in range(j_lo, j_mid):
-            keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
-            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo,
-                                     kv_lo_strides, LOW=True, MASKED=True, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
-                                     IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
-                                     P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
-                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
-        for j in range(j_mid, n_full):
-            keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
-            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo,
-                                     kv_lo_strides, LOW=True, MASKED=False, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
-                                     IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
-                                     P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
-                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
-        for j in range(n_full, n_blocks):
-            keep = _low_keep(map_base, sHM[2], sHM[3], j, qb0, nqb, qb_row, QB_PER_TILE)
-            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv_lo,
-                                     kv_lo_strides, LOW=True, MASKED=True, HIGH_IEEE=False, BLOCK_N=BLOCK_N,
-                                     IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT, P_MICRO=P_MICRO,
-                                     P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
-                                     FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
+        # dense: [j_lo, j_mid) masked (band's left edge), [j_mid, n_full) plain, [n_full, n_blocks) masked
+        acc, l_i, m_i = _low_range(acc, l_i, m_i, j_lo, j_mid, low, walk, True, False, QB_PER_TILE, BLOCK_N,
+                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW)
+        acc, l_i, m_i = _low_range(acc, l_i, m_i, j_mid, n_full, low, walk, False, False, QB_PER_TILE, BLOCK_N,
+                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW)
+        acc, l_i, m_i = _low_range(acc, l_i, m_i, n_full, n_blocks, low, walk, True, False, QB_PER_TILE, BLOCK_N,
+                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW)
 
     # ---- loop 2: input precision, the selected blocks of each query block of the tile -----------
     kv_hi = (K + off_z64 * sK[0] + off_hkv64 * sK[1], V + off_z64 * sV[0] + off_hkv64 * sV[1], K_SCALE, V_SCALE)
