@@ -63,7 +63,7 @@ def validate_inputs(q: Tensor, k: Tensor, v: Tensor, *, enable_gqa: bool, config
         if not enable_gqa:
             raise ValueError(f"thrift attention: query heads {Hq} != key/value heads {Hkv}; "
                              f"pass enable_gqa=True for grouped-query attention (as with SDPA)")
-        if Hq % Hkv != 0:
+        if Hkv == 0 or Hq % Hkv != 0:
             raise ValueError(f"thrift attention: query heads {Hq} must be a multiple of key/value heads {Hkv}")
 
 def validate_problem(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, config: ThriftConfig) -> None:
@@ -78,11 +78,30 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, scale
     """ThriftAttention, eager. Same layout and semantics as ``F.scaled_dot_product_attention``.
 
     q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``; ``enable_gqa=True`` allows ``Hq % Hkv == 0``.
+    Any strides are taken as they are (transposed ``[B, L, H, D]`` views, expanded heads, a strided head
+    dim): the oracle and the kernels read through strides, nothing is copied (the kernel path copies only
+    to zero-pad a head dim such as 96). Empty problems follow SDPA (``_empty_result``). NaN / Inf inputs:
+    docs/numerics.md §4b (a row that sees one is NaN; masked keys do not leak).
     ``scale`` defaults to ``1/sqrt(D)``; causal is top-left aligned (query i sees keys j <= i).
     ``config`` (a ``ThriftConfig``) and/or its fields as keywords (``format="fp8"``, ``fraction=0.1``…)
     choose the numerics; keywords override ``config``. Returns ``[B, Hq, Lq, D]`` in ``q.dtype``.
     """
     resolved = _resolve_config(config, cfg)
     validate_inputs(q, k, v, enable_gqa=enable_gqa, config=resolved)
+    empty = _empty_result(q, k)
+    if empty is not None:
+        return empty
     validate_problem(q, k, v, is_causal=is_causal, config=resolved)
     return call_op(q, k, v, scale=scale, is_causal=is_causal, config=resolved)
+
+
+def _empty_result(q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """SDPA's answer for a problem with nothing to compute, or None. Measured on torch 2.13 (CPU):
+    batch, query heads or Lq of 0 give an empty ``[B, Hq, Lq, D]``; Lk of 0 (no key for any row) gives
+    zeros, as the numerics' "no visible key gives 0". Answered here, on every device, so no kernel is
+    launched with an empty grid; ``Hq = Hkv = 0`` is accepted like SDPA does. Asked after the input checks
+    (dtype, shapes, devices) but before the format's head-dim rule, which has nothing to apply to."""
+    B, Hq, Lq, D = q.shape
+    if B == 0 or Hq == 0 or Lq == 0 or k.shape[2] == 0:
+        return q.new_zeros((B, Hq, Lq, D))
+    return None

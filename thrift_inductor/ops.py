@@ -51,6 +51,8 @@ def _reference(q, k, v, scale, is_causal, cfg, window=None):
 
 def _kernels(q, k, v, scale, is_causal, cfg, window=None):
     from . import pipeline
+    if q.numel() == 0 or k.shape[2] == 0:      # empty problems: SDPA's answer (empty, or zeros without keys)
+        return q.new_zeros((*q.shape[:3], v.shape[-1]))
     return pipeline.run(q, k, v, scale=scale, is_causal=is_causal, config=cfg, window=window).contiguous()
 
 
@@ -66,6 +68,11 @@ def thrift_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], is
 @thrift_attention.register_fake
 def _thrift_attention_fake(q, k, v, scale, is_causal, format, fraction, top_k, selection,
                            block_size, p_quant, window=None):
+    # Also the Meta kernel, which the dispatcher picks for mixed cpu/meta inputs: without this check a
+    # device mismatch would return an uninitialised tensor instead of an error (and tracing would pass).
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"thrift attention: query, key and value must be on one device, got "
+                         f"{q.device}, {k.device}, {v.device}")
     B, Hq, Lq, _ = q.shape
     return q.new_empty((B, Hq, Lq, v.shape[-1]))    # contiguous, like every real impl
 

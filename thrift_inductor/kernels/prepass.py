@@ -16,6 +16,11 @@ Numerics (docs/numerics.md §1-§3), bit-exact with ``reference.py``:
 - scales use IEEE division (``div_rn``) and the quantiser multiplies by the IEEE reciprocal, like CUDA.
 - means: fp64 sum over the real tokens, fp64 divide, fp64 -> fp32 -> bf16 (each rounding explicit, so the
   interpreter's truncating bf16 cast sees exact values).
+- non-finite inputs (numerics "Non-finite inputs"): a *poisoned* token (a NaN / inf in its q; for kv, in its
+  k or its v) gets a NaN low row (fp4) / zero codes (fp8) and a NaN scale slot (fp4: NaN instead of 1.0);
+  everything else (scales, statistics, v) reads non-finite elements as 0. The attention kernel's math then
+  turns those NaNs into NaN rows without extra work; masks hide them from rows that do not see the token.
+  The flag is computed explicitly: ``tl.max`` (fmax) would drop a NaN and clamping would hide an inf.
 """
 from __future__ import annotations
 
@@ -105,6 +110,15 @@ def _quantize_groups(x, FORMAT: tl.constexpr):
 
 
 @triton.jit
+def _finite_rows(x):
+    """``(x with non-finite elements read as 0, bad [T])``: bad marks rows (tokens) holding a NaN or an
+    inf. ``|x| < inf`` is False exactly for NaN and +-inf, with no NaN-dropping max involved."""
+    ok = tl.abs(x) < float("inf")
+    bad = tl.sum((~ok).to(tl.int32), axis=1) > 0
+    return tl.where(ok, x, 0.0), bad
+
+
+@triton.jit
 def _block_mean(x, count, NSUB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
     """Means of ``x [NSUB*BS, D]`` (zeros beyond the real tokens) per block of BS tokens: fp64 sum, fp64
     divide by the real-token ``count [NSUB]``, rounded fp64 -> fp32 -> bf16 (returned as fp32)."""
@@ -135,19 +149,27 @@ def _prepass_kernel(
     # int64 offsets: B*H*L*D exceeds 2**31 at long contexts.
     x_ptrs = (X + off_z.to(tl.int64) * stride_xz + off_h.to(tl.int64) * stride_xh
               + offs_t.to(tl.int64)[:, None] * stride_xt + offs_d[None, :] * stride_xd)
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x, bad = _finite_rows(tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32))
+    if IS_KV:
+        # v first: a non-finite v poisons its token's k row (the score carries it, numerics)
+        y_ptrs = (Y + off_z.to(tl.int64) * stride_yz + off_h.to(tl.int64) * stride_yh
+                  + offs_t.to(tl.int64)[:, None] * stride_yt + offs_d[None, :] * stride_yd)
+        y, y_bad = _finite_rows(tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32))   # padded tokens are 0
+        bad = bad | y_bad
 
     # ---- quantise along the head dim, one scale per XG elements (per token for fp8) ------------------
     NXG: tl.constexpr = D // XG
     xq, xsf = _quantize_groups(tl.reshape(x, (TILE_T, NXG, XG)), FORMAT)
     xq = tl.reshape(xq, (TILE_T, D))
+    if FORMAT == 2:
+        xq = tl.where(bad[:, None], 0.0, xq)             # the NaN scale carries the poison
+        tok_scale = tl.where(bad, float("nan"), tl.reshape(xsf, (TILE_T,)))
+    else:
+        xq = tl.where(bad[:, None], float("nan"), xq)
+        tok_scale = tl.where(bad, float("nan"), 1.0)
     bhd = pid_bh.to(tl.int64) * L * D                    # outputs are contiguous
     lo_ptrs = X_LO + bhd + offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
     tl.store(lo_ptrs, xq.to(X_LO.dtype.element_ty), mask=mask)
-    if FORMAT == 2:
-        tok_scale = tl.reshape(xsf, (TILE_T,))
-    else:
-        tok_scale = tl.full((TILE_T,), 1.0, tl.float32)
     tl.store(X_SCALE + pid_bh.to(tl.int64) * L + offs_t, tok_scale, mask=row_ok)
 
     # ---- block statistics over the real tokens of each selection block --------------------------------
@@ -167,9 +189,6 @@ def _prepass_kernel(
         tl.store(X_MAX + stat_ptrs, bf16_rn(kmax).to(tl.bfloat16), mask=stat_mask)
 
         # ---- v: quantise along tokens (groups of VG tokens per channel), store transposed -------------
-        y_ptrs = (Y + off_z.to(tl.int64) * stride_yz + off_h.to(tl.int64) * stride_yh
-                  + offs_t.to(tl.int64)[:, None] * stride_yt + offs_d[None, :] * stride_yd)
-        y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)       # padded tokens are 0
         NVG: tl.constexpr = TILE_T // VG
         # [NVG, VG, D] -> groups along axis 1; permute so _quantize_groups reduces over its last axis.
         yg = tl.permute(tl.reshape(y, (NVG, VG, D)), (0, 2, 1))        # [NVG, D, VG]
@@ -256,6 +275,7 @@ def prepass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_s
 def prepass_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int) -> Prepass:
     """The same §1 layout computed with ``reference.py``'s quantisers and statistics."""
     from .. import reference as ref     # lazy: the oracle is only needed when this path runs
+    from ..reference.quant import finite_or_zero, poisoned_tokens
 
     validate(q, k, v, fmt, block_size)
     B, Hq, Lq, D = q.shape
@@ -263,15 +283,21 @@ def prepass_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, b
     bs = block_size
     nkb = (Lk + bs - 1) // bs
     low = low_dtype(fmt)
+    q_bad, kv_bad = poisoned_tokens(q, k, v)
+    q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
+    nan = float("nan")
 
-    def along_d(x):                     # q, k: one scale per 16 / 32 elements (fp4) or per token (fp8)
+    def along_d(x, bad):                # q, k: one scale per 16 / 32 elements (fp4) or per token (fp8)
         qt = ref.quantize(x, fmt, dim=-1)
-        if fmt == "fp8":
-            return qt.codes.to(low), qt.scales.reshape(x.shape[:-1]).to(torch.float32)
-        return ref.dequantize(qt).to(low), torch.ones(x.shape[:-1], dtype=torch.float32, device=x.device)
+        if fmt == "fp8":       # poisoned: zero codes, NaN scale
+            scale = torch.where(bad, nan, qt.scales.reshape(x.shape[:-1]).to(torch.float32))
+            return qt.codes.masked_fill(bad[..., None], 0.0).to(low), scale
+        # fp4: poisoned rows NaN, scale slot NaN (else 1.0)
+        scale = torch.where(bad, nan, torch.ones(x.shape[:-1], dtype=torch.float32, device=x.device))
+        return ref.dequantize(qt).masked_fill(bad[..., None], nan).to(low), scale
 
-    q_lo, q_scale = along_d(q)
-    k_lo, k_scale = along_d(k)
+    q_lo, q_scale = along_d(q, q_bad)
+    k_lo, k_scale = along_d(k, kv_bad)
     # v: zero-pad to whole selection blocks, quantise along tokens, store transposed.
     v_pad = torch.zeros((B, Hkv, nkb * bs, D), dtype=v.dtype, device=v.device)
     v_pad[:, :, :Lk] = v

@@ -4,6 +4,11 @@ Every helper returns an fp32 value that already lies on the target grid, so the 
 cast is exact. That matters twice: the Triton interpreter mis-rounds fp32 -> fp8e4nv and truncates
 fp32 -> bf16, and a cast on the GPU would otherwise be a second, hidden rounding site.
 
+NaN: ``tl.minimum`` / ``tl.maximum`` / ``tl.max`` default to fmin/fmax, which *drop* a NaN operand (and
+so would turn a NaN into the saturation value); the clamps here propagate NaN explicitly (``min.NaN`` on
+sm_80+, one instruction), so a NaN input gives a NaN output like the torch oracle (numerics "Non-finite
+inputs"). Infinities saturate (e2m1 to 6, e4m3 to 448), as ``satfinite`` does.
+
 FMA contraction (Triton fuses ``a * b + c`` by default) cannot change these results: inside the helpers
 only exact products (scaling by powers of two) feed an addition, and every caller-side inexact product
 (``x * (1/sf)``) reaches an addition only through ``abs``/``min``, which LLVM does not contract.
@@ -63,20 +68,20 @@ def copysign(mag, x):
 @triton.jit
 def e2m1_rn(x):
     """Nearest E2M1 value {0,.5,1,1.5,2,3,4,6}·sign, ties to the even code, saturating at 6 (fp32 in/out)."""
-    a = tl.minimum(tl.abs(x), _E2M1_CLAMP)
+    a = tl.minimum(tl.abs(x), _E2M1_CLAMP, propagate_nan=tl.PropagateNan.ALL)
     # step = .5, 1, 2; a * (1/step) and r * step are exact (powers of two), so only rint rounds.
     # (No `/`: on sm_90 Triton's fp32 division is approximate.)
     inv_step = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
     step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
     r = rint(a * inv_step) * step
-    r = tl.minimum(r, _E2M1_MAX)
+    r = tl.minimum(r, _E2M1_MAX, propagate_nan=tl.PropagateNan.ALL)
     return copysign(r, x)
 
 
 @triton.jit
 def e4m3_rn(x):
-    """float8_e4m3fn round-to-nearest-even, saturating at ±448 (never NaN); fp32 in, exact-grid fp32 out."""
-    a = tl.minimum(tl.abs(x), _E4M3_MAX)
+    """float8_e4m3fn round-to-nearest-even, saturating at ±448 (NaN stays NaN); fp32 in, exact-grid fp32 out."""
+    a = tl.minimum(tl.abs(x), _E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
     # Grid step = 2**(max(e, -6) - 3), e = floor(log2 a), read from the fp32 exponent bits.
     biased = (a.to(tl.int32, bitcast=True) >> _FP32_MANTISSA_BITS) & 0xFF
     step_exp = tl.maximum(biased - _FP32_BIAS - _E4M3_MANTISSA_BITS, _E4M3_MIN_STEP_EXP)
@@ -89,13 +94,13 @@ def e4m3_rn(x):
 
 @triton.jit
 def e8m0_up(x):
-    """Smallest power of two >= ``x`` (x >= 0), clamped to [2**-126, 2**127] (fp32 normals)."""
+    """Smallest power of two >= ``x`` (x >= 0), clamped to [2**-126, 2**127] (fp32 normals); NaN stays NaN."""
     bits = x.to(tl.int32, bitcast=True)
     biased = (bits >> _FP32_MANTISSA_BITS) & 0xFF
     has_mantissa = (bits & 0x7FFFFF) != 0
     up = biased + has_mantissa.to(tl.int32)
     up = tl.minimum(tl.maximum(up, _E8M0_MIN_BIASED), _E8M0_MAX_BIASED)
-    return (up << _FP32_MANTISSA_BITS).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, (up << _FP32_MANTISSA_BITS).to(tl.float32, bitcast=True))
 
 
 @triton.jit

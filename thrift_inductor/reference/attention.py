@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..config import FORMATS, ThriftConfig
 from ..constants import P_FP4_MAX, P_FP8_MAX
-from .quant import e2m1_rn, e4m3_rn, fake_quantize, quantize_operands
+from .quant import e2m1_rn, e4m3_rn, fake_quantize, finite_or_zero, poisoned_tokens, quantize_operands
 from .selection import _cdiv, effective_window, hi_block_mask, select_blocks
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,19 +67,24 @@ def _chunk_rows(lk_pad: int, block_size: int) -> int:
 
 
 def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale, config, dtype, out_dtype,
-                  window=None):
+                  window=None, q_bad=None, kv_bad=None):
     """Rows ``row0 .. row0 + R`` of one (batch, head). q/q_lo ``[R, D]``, k/k_lo ``[Lk, D]``,
     v/v_lo ``[Lk_pad, Dv]`` zero-padded, hi_rows bool ``[R, NKB]`` (the row's query block).
-    ``window``: keys at or before ``row - window`` are masked too (a sliding window's left edge)."""
+    ``window``: keys at or before ``row - window`` are masked too (a sliding window's left edge).
+    q/k/v are finite (non-finite elements read as 0); ``q_bad [R]`` / ``kv_bad [Lk]`` mark poisoned
+    tokens, whose high-path scores are NaN (q_lo / k_lo rows already are)."""
     bs = config.block_size
     rows, lk = q.shape[0], k.shape[0]
     nkb = hi_rows.shape[1]
     s_hi = (q.float() @ k.float().T) * scale
+    if q_bad is not None:
+        s_hi = s_hi.masked_fill(q_bad[:, None] | kv_bad[None, :], math.nan)
     s_lo = (q_lo @ k_lo.T) * scale
     hi_keys = hi_rows.repeat_interleave(bs, 1)[:, :lk]
     s = torch.where(hi_keys, s_hi, s_lo)
     del s_hi, s_lo, hi_keys
     s = F.pad(s, (0, nkb * bs - lk), value=-math.inf)          # ragged kv tail is masked
+    # Masks are applied to the scores *after* poisoning: a poisoned key reaches only the rows that see it.
     if is_causal:
         r = torch.arange(row0, row0 + rows, device=s.device)[:, None]
         c = torch.arange(nkb * bs, device=s.device)[None, :]
@@ -100,7 +105,8 @@ def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale,
     p_hi = torch.where(hi3, p_hi * f[..., None], 0.0).view(rows, nkb * bs)
     p_lo = torch.where(hi3, 0.0, p_lo * f[..., None]).view(rows, nkb * bs)
     out = p_hi @ v.float() + p_lo @ v_lo
-    out = torch.where(ell[:, None] > 0, out / torch.where(ell > 0, ell, 1.0)[:, None], 0.0)
+    # ell == 0: no visible key, output 0; a NaN ell (a poisoned score) stays NaN.
+    out = torch.where(ell[:, None] == 0, 0.0, out / torch.where(ell == 0, 1.0, ell)[:, None])
     return out.to(out_dtype)
 
 
@@ -130,12 +136,16 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     out = torch.zeros(batch, hq, lq, dv, dtype=out_dtype, device=q.device)
     if lq == 0 or lk == 0:
         return out
+    # Non-finite inputs (numerics "Non-finite inputs"): selection and both paths see the finite inputs
+    # (NaN / inf read as 0); poisoned tokens reach the rows that see them through NaN scores.
+    q_lo, k_lo, v_lo = quantize_operands(q, k, v, config.format, bs)     # poisoned rows are NaN
+    q_bad, kv_bad = poisoned_tokens(q, k, v)
+    q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
     if hi_idx is None:
         hi_idx = select_blocks(q, k, is_causal=is_causal, config=config, window=window)
     elif hi_idx.shape[:2] != (batch, hq):
         raise ValueError(f"hi_idx must be [B={batch}, Hq={hq}, NQB, width], got {tuple(hi_idx.shape)}")
     hi_mask = hi_block_mask(hi_idx.to(q.device), lq, lk, bs, is_causal, window)
-    q_lo, k_lo, v_lo = quantize_operands(q, k, v, config.format, bs)
     tail = nkb * bs - lk
     v_pad = F.pad(v, (0, 0, 0, tail))
     v_lo = F.pad(v_lo, (0, 0, 0, tail))
@@ -157,7 +167,8 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 out[b, h, r0:r1] = _attend_chunk(
                     q[b, h, r0:r1], k[b, kvh, c0:kn], v_pad[b, kvh, c0:c1], q_lo[b, h, r0:r1],
                     k_lo[b, kvh, c0:kn], v_lo[b, kvh, c0:c1], hi_rows, r0 - c0, is_causal=is_causal,
-                    scale=scale, config=config, dtype=q.dtype, out_dtype=out_dtype, window=window)
+                    scale=scale, config=config, dtype=q.dtype, out_dtype=out_dtype, window=window,
+                    q_bad=q_bad[b, h, r0:r1], kv_bad=kv_bad[b, kvh, c0:kn])
     return out
 
 

@@ -75,7 +75,8 @@ def e8m0_up(x: torch.Tensor) -> torch.Tensor:
     exp = torch.where(mant == 0.5, e - 1, e)  # exact power of two stays, anything above rounds up
     exp = torch.where(x > 0, exp, E8M0_MIN_EXP)
     exp = torch.where(torch.isinf(x), E8M0_MAX_EXP, exp)
-    return _pow2(exp.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP))
+    # NaN stays NaN (numerics "Non-finite inputs"): a scale must never turn NaN into a number.
+    return torch.where(torch.isnan(x), x, _pow2(exp.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +122,14 @@ def _div(a: torch.Tensor, c: float) -> torch.Tensor:
     return a / torch.full_like(a, c)
 
 
+def _poison_groups(codes: torch.Tensor, sf: torch.Tensor, amax: torch.Tensor):
+    """A scale group holding a NaN or an infinity (non-finite ``amax``) gets NaN codes and a NaN
+    scale: clamping to the grid (or a NaN-blind max) would otherwise turn it into finite numbers."""
+    bad = ~torch.isfinite(amax)
+    nan = torch.full_like(sf, float("nan"))
+    return torch.where(bad, nan, codes), torch.where(bad, nan, sf)
+
+
 def _quantize_fp4(x: torch.Tensor, dim: int, fmt: str) -> QTensor:
     dim = _norm_dim(x, dim)
     block = FORMAT_BLOCK[fmt]
@@ -133,7 +142,7 @@ def _quantize_fp4(x: torch.Tensor, dim: int, fmt: str) -> QTensor:
     # The IEEE reciprocal of the rounded scale, as the CUDA quantiser does; sf == 0 (a block below
     # ~6 * 2**-10 under nvfp4) quantises to all zeros.
     inv = torch.where(sf > 0, 1.0 / torch.where(sf > 0, sf, 1.0), 0.0)
-    codes = e2m1_rn(xb * inv)
+    codes, sf = _poison_groups(e2m1_rn(xb * inv), sf, amax)
     return QTensor(_from_blocks(codes, length, dim), sf.squeeze(-1).movedim(-1, dim), fmt, dim, block)
 
 
@@ -156,7 +165,7 @@ def quantize_fp8(x: torch.Tensor, dim: int = -1, block: Optional[int] = None) ->
     xb, length = _to_blocks(x, dim, block)
     amax = xb.abs().amax(-1, keepdim=True)
     sf = torch.where(amax > 0, _div(amax, E4M3_MAX), 1.0)
-    codes = e4m3_rn(xb * (1.0 / sf))
+    codes, sf = _poison_groups(e4m3_rn(xb * (1.0 / sf)), sf, amax)
     return QTensor(_from_blocks(codes, length, dim), sf.squeeze(-1).movedim(-1, dim), "fp8", dim, block)
 
 
@@ -184,12 +193,42 @@ def fake_quantize(x: torch.Tensor, fmt: str, dim: int = -1, block: Optional[int]
     return dequantize(quantize(x, fmt, dim, block))
 
 
+# ----------------------------------------------------------------------------------------------
+# Non-finite inputs (numerics "Non-finite inputs"): poisoned tokens
+# ----------------------------------------------------------------------------------------------
+def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN and infinities read as 0 (what scales, statistics and P.V see)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def nonfinite_tokens(x: torch.Tensor) -> torch.Tensor:
+    """bool ``[..., L]``: the token (a row along the last, head dim) holds a NaN or an infinity."""
+    return ~torch.isfinite(x).all(-1)
+
+
+def poisoned_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``(q_bad [B, Hq, Lq], kv_bad [B, Hkv, Lk])``: a query token is poisoned by a non-finite element
+    of its q, a key token by a non-finite element of its k *or* its v (both travel through its score)."""
+    return nonfinite_tokens(q), nonfinite_tokens(k) | nonfinite_tokens(v)
+
+
+def poison_rows(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``x [..., L, D]`` with the rows of poisoned tokens (``bad [..., L]``) set to NaN."""
+    return torch.where(bad[..., None], torch.full_like(x, float("nan")), x)
+
+
 def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int):
     """fp32 dequantised low-precision operands ``(q_lo, k_lo, v_lo)``.
 
     Q and K along the head dim (fp8: one scale per token). V along the *tokens* (it is the reduction
     dim of P.V): FP4 formats in 16/32-token microblocks, fp8 one scale per (block_size tokens,
-    channel). A ragged last V block is zero-padded and cropped back (see ``_to_blocks``)."""
+    channel). A ragged last V block is zero-padded and cropped back (see ``_to_blocks``).
+
+    Non-finite inputs: the row of a poisoned token (``poisoned_tokens``) is NaN in q_lo / k_lo, and
+    V is quantised with its non-finite elements read as 0 (a V scale group spans 16-64 tokens, so a
+    NaN there would reach rows that do not see the token; the token's k row carries it instead)."""
     v_block = block_size if fmt == "fp8" else None
-    return (fake_quantize(q, fmt, dim=-1), fake_quantize(k, fmt, dim=-1),
-            fake_quantize(v, fmt, dim=-2, block=v_block))
+    q_bad, kv_bad = poisoned_tokens(q, k, v)
+    return (poison_rows(fake_quantize(finite_or_zero(q), fmt, dim=-1), q_bad),
+            poison_rows(fake_quantize(finite_or_zero(k), fmt, dim=-1), kv_bad),
+            fake_quantize(finite_or_zero(v), fmt, dim=-2, block=v_block))

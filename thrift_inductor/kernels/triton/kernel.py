@@ -127,7 +127,16 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_
     stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, stride_vsb, stride_vsd = kv_strides
     start_n = kv_blk * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    if MASKED:
+    if not LOW:
+        # The high path reads the raw inputs. A poisoned key token (a NaN / inf in its k or v; the prepass
+        # flags it with a NaN scale slot) loads k as NaN, so its scores are NaN (the masks below hide them
+        # from rows that do not see it), and v as 0, so P.V never forms 0 * NaN (numerics "Non-finite").
+        n_ok = offs_n < Lk
+        flag = tl.load(ks_base + offs_n * stride_ksn, mask=n_ok, other=1.0)
+        tok_ok = n_ok & (flag == flag)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=tok_ok[:, None], other=float("nan"))
+    elif MASKED:
         n_ok = offs_n < Lk
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=n_ok[:, None], other=0.0)
@@ -201,7 +210,7 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_
         pe = tl.exp2(qk * q_rowc[:, None] - b[:, None])
         l_ij = tl.sum(pe, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=offs_n[:, None] < Lk, other=0.0)
+                    mask=tok_ok[:, None], other=0.0)
         if P_EXACT_ROUND and v.dtype == tl.bfloat16:
             pe = bf16_rn(pe)     # the interpreter's fp32 -> bf16 cast truncates
         pv = _dot(pe.to(v.dtype), v, HIGH_IEEE, P_EXACT_ROUND, FP8_ACC_PROMOTE)
@@ -334,9 +343,13 @@ def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
                                    IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW)
 
     # ---- loop 2: input precision, the selected blocks of each query block of the tile -----------
-    kv_hi = (K + off_z64 * sK[0] + off_hkv64 * sK[1], V + off_z64 * sV[0] + off_hkv64 * sV[1], K_SCALE, V_SCALE)
-    kv_hi_strides = (sK[2], sK[3], sV[2], sV[3], 0, 0, 0)
-    q_rowc_hi = tl.full([BLOCK_M], qk_scale, tl.float32)
+    # K_SCALE / Q_SCALE slots flag poisoned tokens with NaN (kernels.md §1): the high path reads them for that
+    kv_hi = (K + off_z64 * sK[0] + off_hkv64 * sK[1], V + off_z64 * sV[0] + off_hkv64 * sV[1],
+             K_SCALE + off_z64 * sKS[0] + off_hkv64 * sKS[1], V_SCALE)
+    kv_hi_strides = (sK[2], sK[3], sV[2], sV[3], sKS[2], 0, 0)
+    # x * 0 is 0 for a real scale and NaN for a poisoned query row: its high-path scores turn NaN
+    q_flag = tl.load(Q_SCALE + off_z64 * sQS[0] + off_hq64 * sQS[1] + offs_m * sQS[2], mask=m_ok, other=1.0)
+    q_rowc_hi = qk_scale + q_flag * 0.0
     for t in tl.static_range(QB_PER_TILE):
         qb = qb0 + t
         hi_cnt = tl.load(HI_CNT + off_z64 * sHC[0] + off_hq64 * sHC[1] + qb * sHC[2], mask=qb < nqb, other=0)
