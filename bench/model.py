@@ -144,13 +144,17 @@ def run_path(model, tokens, path: str, device: str) -> dict:
         with torch.no_grad():
             return model_output(fn(tokens, use_cache=False))
 
-    t0 = time.perf_counter()
-    call()
-    _sync(device)
-    first = time.perf_counter() - t0
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ms = _time_ms(call, device)
+    from torch._inductor.utils import fresh_cache
+    # cold compiles for every path (a warm FX-graph cache would hide compile time and skip the thrift
+    # pass, whose counters then read 0 rewritten sites)
+    with fresh_cache():
+        t0 = time.perf_counter()
+        call()
+        _sync(device)
+        first = time.perf_counter() - t0
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ms = _time_ms(call, device)
     peak = torch.cuda.max_memory_allocated() / MIB if device == "cuda" else math.nan
     thrift = dict(counters["thrift"])
     skipped = ";".join(f"{k[len('skipped:'):]}={v}" for k, v in sorted(thrift.items()) if k.startswith("skipped:"))

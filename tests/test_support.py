@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch._inductor.utils import fresh_cache
 
 import thrift_inductor
 from thrift_inductor import ThriftConfig, backend
@@ -81,7 +82,7 @@ def test_eager_api_and_pass_agree_on_head_dim_96():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch._dynamo.reset()
     counters.clear()
-    with torch.no_grad():
+    with torch.no_grad(), fresh_cache():     # a cache hit would skip the pass and its counters
         compiled = torch.compile(fn, backend="thrift", options={"thrift.format": "fp8", "thrift.fraction": 0.2})
         got = compiled(q, k, v)
     assert counters["thrift"]["rewritten"] == 1
@@ -96,7 +97,7 @@ def test_pass_keeps_unsupported_head_dim_stock_with_reason():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch._dynamo.reset()
     counters.clear()
-    with torch.no_grad():
+    with torch.no_grad(), fresh_cache():
         torch.compile(fn, backend="thrift", options={"thrift.format": "nvfp4"})(q, q, q)
     assert counters["thrift"]["rewritten"] == 0
     assert counters["thrift"]["skipped:head_dim"] == 1
