@@ -61,3 +61,15 @@ def test_attention_inside_torch_compile_equals_eager():
     torch._dynamo.reset()
     out = torch.compile(fn, backend="inductor", fullgraph=True)(q, k, v)
     torch.testing.assert_close(out, fn(q, k, v), rtol=0, atol=0)
+
+
+def test_sliding_window_matches_banded_sdpa_at_fraction_one():
+    """window=W: query i sees keys i - W < j <= i (SDPA with the explicit banded mask); W needs causal."""
+    q, k, v = qkv(heads=2, seq=150)
+    i = torch.arange(150)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 40)
+    expect = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band)
+    out = thrift_inductor.attention(q, k, v, is_causal=True, window=40, fraction=1.0)
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="window"):
+        thrift_inductor.attention(q, k, v, is_causal=False, window=40)

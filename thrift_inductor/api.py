@@ -66,15 +66,17 @@ def validate_inputs(q: Tensor, k: Tensor, v: Tensor, *, enable_gqa: bool, config
         if Hkv == 0 or Hq % Hkv != 0:
             raise ValueError(f"thrift attention: query heads {Hq} must be a multiple of key/value heads {Hkv}")
 
-def validate_problem(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, config: ThriftConfig) -> None:
+def validate_problem(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, config: ThriftConfig,
+                     window: Optional[int] = None) -> None:
     """The one support predicate (``problem.why_not``): on CUDA it includes "some kernel takes it"."""
-    reason = why_not(Problem.from_tensors(q, k, v, is_causal=is_causal, config=config))
+    reason = why_not(Problem.from_tensors(q, k, v, is_causal=is_causal, config=config, window=window))
     if reason is not None:
         raise ValueError(f"thrift attention: {reason.message} [{reason.name}]")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, scale: Optional[float] = None,
-              enable_gqa: bool = False, config: Optional[ThriftConfig] = None, **cfg) -> Tensor:
+              enable_gqa: bool = False, window: Optional[int] = None, config: Optional[ThriftConfig] = None,
+              **cfg) -> Tensor:
     """ThriftAttention, eager. Same layout and semantics as ``F.scaled_dot_product_attention``.
 
     q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``; ``enable_gqa=True`` allows ``Hq % Hkv == 0``.
@@ -82,7 +84,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, scale
     dim): the oracle and the kernels read through strides, nothing is copied (the kernel path copies only
     to zero-pad a head dim such as 96). Empty problems follow SDPA (``_empty_result``). NaN / Inf inputs:
     docs/numerics.md §4b (a row that sees one is NaN; masked keys do not leak).
-    ``scale`` defaults to ``1/sqrt(D)``; causal is top-left aligned (query i sees keys j <= i).
+    ``scale`` defaults to ``1/sqrt(D)``; causal is top-left aligned (query i sees keys j <= i);
+    ``window=W`` (with ``is_causal=True``) is sliding-window attention: query i sees keys i - W < j <= i.
     ``config`` (a ``ThriftConfig``) and/or its fields as keywords (``format="fp8"``, ``fraction=0.1``…)
     choose the numerics; keywords override ``config``. Returns ``[B, Hq, Lq, D]`` in ``q.dtype``.
     """
@@ -91,8 +94,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, scale
     empty = _empty_result(q, k)
     if empty is not None:
         return empty
-    validate_problem(q, k, v, is_causal=is_causal, config=resolved)
-    return call_op(q, k, v, scale=scale, is_causal=is_causal, config=resolved)
+    validate_problem(q, k, v, is_causal=is_causal, config=resolved, window=window)
+    return call_op(q, k, v, scale=scale, is_causal=is_causal, config=resolved, window=window)
 
 
 def _empty_result(q: Tensor, k: Tensor) -> Optional[Tensor]:
