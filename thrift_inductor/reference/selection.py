@@ -49,16 +49,9 @@ def resolve_top_k(num_blocks: int, causal: bool, top_k: Optional[int] = None,
     n = int(num_blocks)
     if n < 0:
         raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-    if top_k is not None:
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        return min(int(top_k), n)
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
-    if fraction <= 0.0 or n == 0:
-        return 0
-    if fraction >= 1.0:
-        return n
+    fixed = _fixed_budget(top_k, fraction, n)
+    if fixed is not None:
+        return fixed
     if not causal:
         k = round(fraction * n)
     else:
@@ -67,6 +60,22 @@ def resolve_top_k(num_blocks: int, causal: bool, top_k: Optional[int] = None,
             return n
         k = round(((2 * n + 1) - math.sqrt(disc)) / 2)
     return max(1, min(int(k), n))
+
+
+def _fixed_budget(top_k: Optional[int], fraction: float, cap: int) -> Optional[int]:
+    """The budget when nothing is to be solved for (explicit ``top_k``, fraction 0 or 1, no candidates),
+    capped at ``cap`` blocks; None otherwise. Validates both arguments."""
+    if top_k is not None:
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        return min(int(top_k), cap)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    if fraction <= 0.0 or cap == 0:
+        return 0
+    if fraction >= 1.0:
+        return cap
+    return None
 
 
 def effective_window(window: Optional[int], Lq: int, is_causal: bool) -> Optional[int]:
@@ -103,16 +112,9 @@ def resolve_window_top_k(counts: torch.Tensor, top_k: Optional[int] = None, frac
     block, k is the integer in ``1 .. max c_i`` whose ``Σ min(k, c_i)`` is nearest to
     ``fraction * Σ c_i`` (ties -> the smaller k)."""
     cmax = int(counts.max()) if counts.numel() else 0
-    if top_k is not None:
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
-        return min(int(top_k), cmax)
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
-    if fraction <= 0.0 or cmax == 0:
-        return 0
-    if fraction >= 1.0:
-        return cmax
+    fixed = _fixed_budget(top_k, fraction, cmax)
+    if fixed is not None:
+        return fixed
     target = fraction * int(counts.sum())
     best, best_err = 1, math.inf
     for k in range(1, cmax + 1):

@@ -7,6 +7,7 @@ Configs: ``configs.py`` (``TritonConfig``, defaults and autotune tiers).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,6 +22,7 @@ from . import configs as C
 from .configs import TritonConfig
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "template.py.jinja"
+log = logging.getLogger("thrift_inductor.lowering")
 
 
 def kernel_head_dim(head_dim: int, fmt: str) -> int:
@@ -122,9 +124,7 @@ class TritonAttention:
                                                **constexprs(problem, scale, kc))
             appended.extend([kc] * (len(choices) - start))
             if err is not None:
-                import logging
-                logging.getLogger("thrift_inductor.lowering").info("template config %s rejected: %s",
-                                                                    kc.describe(), err)
+                log.info("template config %s rejected: %s", kc.describe(), err)
         return appended
 
 

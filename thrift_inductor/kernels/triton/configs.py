@@ -175,9 +175,10 @@ def default_config(arch: str, dtype: torch.dtype, head_dim: int, format: str,
         preferred = _DEFAULTS.get((table_arch, head_dim, format == "fp8"))
     # Small block sizes or fp32 inputs can rule the table entry out: take the largest autotune entry
     # that still fits, so every (arch, dtype, head_dim, format, block_size) has a default.
+    # (asked on every eager call through the support predicate: stop at the first fit, not check all ~60)
     candidates = ([preferred] if preferred else []) + sorted(AUTOTUNE, reverse=True) + sorted(EXHAUSTIVE, reverse=True)
-    fitting = _fits(candidates, head_dim, dtype, block_size, format, arch)
-    return fitting[0] if fitting else None
+    return next((c for c in candidates
+                 if can_implement(c, head_dim, dtype, block_size, format=format, arch=arch)), None)
 
 
 def candidate_configs(arch: str, dtype: torch.dtype, head_dim: int, format: str, block_size: int, *,
