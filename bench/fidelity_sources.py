@@ -1,5 +1,7 @@
 """Where does nvfp4 thrift@5% error come from on real SmolLM2 attention? (oracle, CPU, 4k tokens)"""
-import json, torch, torch.nn.functional as F
+import json
+
+import torch.nn.functional as F
 from safetensors import safe_open
 from thrift_inductor import reference as ref
 from thrift_inductor.config import ThriftConfig

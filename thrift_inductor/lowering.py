@@ -24,8 +24,6 @@ import contextvars
 import dataclasses
 import logging
 import math
-import os
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch

@@ -352,14 +352,14 @@ def _index(node, args, kw):
     if any(i is None for i in indices) or any(i.is_bool for i in indices):
         raise Unproven("index with None or bool indices")
     from .mask_decide import nonnegative
-    out_shape = _shape(node)
-    r, n, out_r = len(x.shape), len(indices), len(out_shape)
+    _shape(node)     # the result must carry tensor metadata (else: not proven)
+    r, n = len(x.shape), len(indices)
     trailing = r - n
     subs = {}
     for p, idx in enumerate(indices):
         if not nonnegative(idx):
             raise Unproven("index that may be negative")
-        # index tensors broadcast into out dims [0, out_r - trailing): shift their symbols left past the trailing dims
+        # index tensors broadcast into the leading out dims: shift their symbols left past the trailing dims
         shifted = _remap(idx.expr, len(idx.shape), len(idx.shape) + trailing,
                          {q: q for q in range(len(idx.shape))})
         subs[index_symbol(r - 1 - p)] = shifted
