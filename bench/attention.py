@@ -91,7 +91,8 @@ def _cell(fn, flops, exact, warmup=25, rep=100):
         return float("nan"), float("nan"), float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
 
 
-def bench_row(row: Row, dtype, fractions, formats, records, with_flex=True, p_quant="block", launches=(None,)):
+def bench_row(row: Row, dtype, fractions, formats, records, with_flex=True, p_quant="block", launches=(None,),
+              impls=(None,)):
     q, k, v = make_qkv(1, HEADS, row.hkv, row.n, row.d, dtype)
     scale = row.d ** -0.5
     flops = attention_flops(1, HEADS, row.n, row.n, row.d, row.causal)
@@ -115,9 +116,13 @@ def bench_row(row: Row, dtype, fractions, formats, records, with_flex=True, p_qu
 
     for fmt in formats:
         for frac in fractions:
-            for launch in launches:
-                run = ThriftRun(q, k, v, ThriftConfig(format=fmt, fraction=frac, p_quant=p_quant), row.causal,
-                                scale, launch=launch)
+            for impl_name, launch in [(i, c) for i in impls for c in (launches if i is None else (None,))]:
+                try:
+                    run = ThriftRun(q, k, v, ThriftConfig(format=fmt, fraction=frac, p_quant=p_quant), row.causal,
+                                    scale, launch=launch, impl_name=impl_name)
+                except ValueError as e:      # this implementation refuses the problem
+                    print(f"  {impl_name} {fmt}: {str(e)[:160]}", flush=True)
+                    continue
                 impl = f"thrift_{run.impl.name}"
                 desc = (launch or run.impl.configs(run.problem, "default")[0]).describe()
                 stages = run.prepare()
@@ -127,7 +132,7 @@ def bench_row(row: Row, dtype, fractions, formats, records, with_flex=True, p_qu
                 add(impl, fmt, frac, "attn", ms, tf, err, note, desc, hi_share=share)
                 ms_t, tf_t, _, note_t = _cell(lambda: run(), flops, None)
                 add(impl, fmt, frac, "total", ms_t, tf_t, err, note_t, desc, hi_share=share)
-                if frac == fractions[0] and launch is launches[0]:
+                if frac == fractions[0] and launch is launches[0] and impl_name == impls[0]:
                     prep = run.do_prepass()
                     add(impl, fmt, frac, "prepass", bench_ms(run.do_prepass), float("nan"), float("nan"))
                     add(impl, fmt, frac, "select", bench_ms(lambda: run.do_select(prep)), float("nan"),
@@ -252,6 +257,8 @@ def main(argv=None):
     ap.add_argument("--no-gqa", action="store_true")
     ap.add_argument("--configs", type=str, default=None,
                     help="launch configs to A/B, 'block_m,warps,stages[,hi_stages];...' (default: the impl's)")
+    ap.add_argument("--impls", type=str, default="default",
+                    help="comma-separated implementations ('default': the pipeline's choice; e.g. default,gluon_ws)")
     ap.add_argument("--fractions", type=str, default=None, help="comma-separated (default 0.05,0)")
     ap.add_argument("--causal-only", action="store_true")
     ap.add_argument("--tag", type=str, default="", help="file name suffix")
@@ -278,7 +285,7 @@ def main(argv=None):
     t0 = time.time()
     for row in rows:
         bench_row(row, torch.bfloat16, fractions, formats, records, with_flex=not args.no_flex, p_quant=args.p_quant,
-                  launches=launches)
+                  launches=launches, impls=tuple(None if x in ("", "default") else x for x in args.impls.split(",")))
         # rewritten after every row, so a run cut off by a device time limit still leaves its rows
         write_results(records, env, args.out, args, time.time() - t0)
 

@@ -60,7 +60,12 @@ def test_kernels_take_any_strides():
 @pytest.mark.parametrize("causal", [True, False])
 def test_empty_problems_follow_sdpa(q_shape, kv_shape, causal):
     q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
-    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    if q_shape[1] == 0 and torch.__version__ < "2.13":
+        # torch 2.11's CPU SDPA with enable_gqa divides by a zero head count (SIGFPE on the GPU machine);
+        # 2.13 returns the empty [B, 0, Lq, D] output, which is what SDPA's contract says
+        want = q.new_empty(q_shape)
+    else:
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
     got = thrift_inductor.attention(q, k, v, is_causal=causal, enable_gqa=True, format="nvfp4")
     assert_bit_exact(got, want, "empty problem vs SDPA")
 

@@ -16,7 +16,7 @@ import torch
 from thrift_inductor import pipeline
 from thrift_inductor import reference as ref
 from thrift_inductor.config import ThriftConfig
-from thrift_inductor.kernels import implementations
+from thrift_inductor.kernels import implementations, implementations_for
 from thrift_inductor.kernels.select import BlockLists
 from thrift_inductor.kernels.triton.configs import AUTOTUNE, TritonConfig
 from thrift_inductor.problem import interpreting
@@ -48,13 +48,23 @@ def _qkv(hq, hkv, lq, lk, d, dtype, b=1, seed=0):
     return mk(hq, lq), mk(hkv, lk), mk(hkv, lk)
 
 
+def _skip_if_refused(impl: str, problem) -> None:
+    """An implementation is tested on what it accepts; what it refuses, it refuses with a reason."""
+    reason = implementations()[impl].why_not(problem)
+    if reason is not None:
+        pytest.skip(f"{impl} refuses this problem: {reason}")
+
+
 def run_case(q, k, v, cfg, causal, *, impl="triton", launch=None, scale=None, hi_idx=None, window=None):
     """(kernel, oracle, exact) for one case; ``hi_idx`` overrides the selection kernel. With a ``window``
     the selection comes from the oracle (the attention kernel is what is tested here)."""
     lq, lk, d = q.shape[2], k.shape[2], q.shape[3]
     scale = d ** -0.5 if scale is None else scale
     problem = pipeline.make_problem(q, k, v, is_causal=causal, config=cfg, window=window)
+    _skip_if_refused(impl, problem)
     implementation = pipeline.implementation(problem, impl)
+    if launch is not None and not isinstance(launch, type(implementation.configs(problem)[0])):
+        launch = None    # a speed knob of another implementation (the tile shapes): run this one's default
     if window is not None:
         hi_idx = ref.select_blocks(q, k, is_causal=causal, config=cfg, window=window) if hi_idx is None else hi_idx
         stages = pipeline.prepare(q, k, v, is_causal=causal, config=cfg, impl=implementation, use_torch_stages=True)
@@ -167,6 +177,7 @@ def test_padded_head_dims(impl, fmt, d):
     """Head dims that are not a kernel head dim run zero-padded (pipeline.run): the oracle on the real D."""
     q, k, v = _qkv(2, 1, 96, 96, d, torch.bfloat16)
     cfg = ThriftConfig(format=fmt, fraction=0.3)
+    _skip_if_refused(impl, pipeline.make_problem(q, k, v, is_causal=True, config=cfg))
     out = pipeline.run(q, k, v, scale=None, is_causal=True, config=cfg, impl_name=impl)
     oracle = ref.thrift_attention_reference(q, k, v, is_causal=True, config=cfg)
     exact = ref.exact_attention(q, k, v, is_causal=True)
@@ -217,10 +228,12 @@ def test_implementations_agree():
     """Every implementation computes the same numbers as every other one (the contract, not a copy)."""
     q, k, v = _qkv(2, 1, 160, 160, 64, torch.bfloat16)
     cfg = ThriftConfig(format="fp8", fraction=0.2)
-    outs = {name: pipeline.run(q, k, v, scale=None, is_causal=True, config=cfg, impl_name=name) for name in IMPLS}
+    accepted, _ = implementations_for(pipeline.make_problem(q, k, v, is_causal=True, config=cfg))
+    outs = {i.name: pipeline.run(q, k, v, scale=None, is_causal=True, config=cfg, impl_name=i.name)
+            for i in accepted}
     exact = ref.exact_attention(q, k, v, is_causal=True)
     oracle = ref.thrift_attention_reference(q, k, v, is_causal=True, config=cfg)
-    first = outs[IMPLS[0]]
+    first = outs[accepted[0].name]
     for out in outs.values():
         assert_kernel_matches_oracle(out, first, exact, budget=2 * _budget("fp8"))
         assert_kernel_matches_oracle(out, oracle, exact, budget=_budget("fp8"))
@@ -264,24 +277,43 @@ def test_every_autotune_config(launch, fmt):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_config_of_other_implementations(impl, causal):
+    """Every autotune config of the non-template implementations (the Triton ones: test_every_autotune_config)."""
+    q, k, v = _qkv(4, 2, 3000, 3000, 128, torch.bfloat16)
+    cfg = ThriftConfig(format="fp8", fraction=0.05)
+    problem = pipeline.make_problem(q, k, v, is_causal=causal, config=cfg)
+    implementation = implementations()[impl]
+    if impl == "triton" or implementation.why_not(problem) is not None:
+        pytest.skip(f"{impl}: covered elsewhere or refuses")
+    for launch in implementation.configs(problem, "autotune"):
+        out, oracle, exact = run_case(q, k, v, cfg, causal, impl=impl, launch=launch)
+        assert_kernel_matches_oracle(out, oracle, exact, budget=_budget("fp8"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_no_accumulation_drift_32k(fmt):
+def test_no_accumulation_drift_32k(impl, fmt):
     """Kernel error relative to the oracle's own error does not grow from 4k to 32k tokens."""
     ratios = {}
     for n in (4096, 32768):
         q, k, v = _qkv(1, 1, n, n, 128, torch.bfloat16, seed=1)
-        out, oracle, exact = run_case(q, k, v, ThriftConfig(format=fmt, fraction=0.05), True)
+        out, oracle, exact = run_case(q, k, v, ThriftConfig(format=fmt, fraction=0.05), True, impl=impl)
         assert_kernel_matches_oracle(out, oracle, exact, budget=_budget(fmt))
         ratios[n] = rel_l2(out, oracle) / rel_l2(oracle, exact)
     assert ratios[32768] <= DRIFT_FACTOR * ratios[4096] + 1e-3, ratios
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_real_attention_smollm2(fmt, real_qkv):
+def test_real_attention_smollm2(impl, fmt, real_qkv):
     """Real Q/K/V (attention sinks, outlier keys, RoPE): layer 15, 3 query heads of one GQA group, 8k."""
     q, k, v, scale = (t.cuda() if torch.is_tensor(t) else t for t in real_qkv(15, q_heads=slice(0, 3)))
-    out, oracle, exact = run_case(q, k, v, ThriftConfig(format=fmt, fraction=0.05), True, scale=scale)
+    out, oracle, exact = run_case(q, k, v, ThriftConfig(format=fmt, fraction=0.05), True, impl=impl,
+                                  scale=scale)
     assert_kernel_matches_oracle(out, oracle, exact, budget=_budget(fmt))
 
 

@@ -185,10 +185,10 @@ def test_rounding_helpers_keep_nan():
     assert torch.isnan(out[::x.numel()]).all(), "NaN must stay NaN in every helper"
 
 
-def _kernel_case(fmt, where, value, fraction, launch=None, causal=True):
+def _kernel_case(fmt, where, value, fraction, launch=None, causal=True, impl=None):
     q, k, v = (t.to(DEV) for t in _qkv(where, value, dtype=torch.float16))
     out = pipeline.run(q, k, v, scale=None, is_causal=causal, config=ThriftConfig(format=fmt, fraction=fraction),
-                       launch_config=launch).cpu()
+                       launch_config=launch, impl_name=impl).cpu()
     assert_follows_rule(out, *(t.cpu() for t in (q, k, v)), causal)
 
 
@@ -215,3 +215,19 @@ def test_kernel_high_path_low_lists_follows_rule(where, value):
     """low_lists walks only the low list, so high pairs see the bad token only through the high path."""
     from thrift_inductor.kernels.triton.configs import TritonConfig
     _kernel_case("fp8", where, value, 1.0, launch=TritonConfig(64, 4, 1, low_lists=True))
+
+
+@pytest.mark.parametrize("where", "qkv")
+@pytest.mark.parametrize("value", BAD_VALUES, ids=("nan", "inf", "-inf"))
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("causal", [True, False])
+def test_warp_specialized_kernel_follows_rule(where, value, fraction, causal):
+    """The Hopper fp8 kernel (kernels/gluon) on every path: low ring, high list, both, causal or not."""
+    from thrift_inductor.kernels import implementations
+    q, k, v = _qkv(where, value, dtype=torch.float16)
+    problem = pipeline.make_problem(q.to(DEV), k.to(DEV), v.to(DEV), is_causal=causal,
+                                    config=ThriftConfig(format="fp8", fraction=fraction))
+    reason = implementations()["gluon_ws"].why_not(problem)
+    if reason is not None:
+        pytest.skip(str(reason))
+    _kernel_case("fp8", where, value, fraction, causal=causal, impl="gluon_ws")

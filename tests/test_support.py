@@ -33,8 +33,9 @@ def test_phi3_head_dims_run_a_padded_kernel_on_cuda(d, fmt):
         return
     assert why_not(p) is None
     impls, refused = implementations_for(p)
-    assert impls and not refused
+    assert impls and impls[0].name == "triton"      # the portable kernel takes every padded head dim
     assert impls[0].kernel_head_dim(p) == 128
+    assert all(r.name and r.message for _, r in refused)     # the others say why not
 
 
 @pytest.mark.parametrize("d,fmt,ok", [(96, "mxfp4", True), (80, "mxfp4", False), (48, "nvfp4", True),
@@ -67,7 +68,8 @@ def test_every_implementation_answers_for_itself():
     for name, impl in implementations().items():
         assert impl.why_not(p) is None, name
         assert impl.configs(p, "default"), name
-        assert len(impl.configs(p, "autotune")) >= 4, f"{name}: Inductor needs a real autotune space on sm_90"
+        if getattr(impl, "inductor_choices", True):
+            assert len(impl.configs(p, "autotune")) >= 4, f"{name}: Inductor needs a real autotune space on sm_90"
 
 
 def test_eager_api_and_pass_agree_on_head_dim_96():

@@ -279,6 +279,8 @@ def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, s
     impls = {}
     for name, impl in implementations().items():
         reason = impl.why_not(problem)
+        if reason is None and not getattr(impl, "inductor_choices", True):
+            reason = "eager only (no Inductor choice yet)"
         if reason is None and impl.kernel_head_dim(problem) != head_dim:
             reason = f"head dim {head_dim} is padded to {impl.kernel_head_dim(problem)} by the eager op"
         if reason is None:

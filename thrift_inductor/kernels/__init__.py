@@ -6,7 +6,8 @@ attention operands they produce are fixed by ``contract.py``.
 
 Attention implementations sit behind one small interface (``Implementation``) and are registered in
 ``IMPLEMENTATIONS``; each lives in its own folder with its own config dataclass (``triton/``: the
-portable Triton kernel, also run by CPU CI through the interpreter). ``implementations_for(problem)``
+portable Triton kernel, also run by CPU CI through the interpreter; ``gluon/``: the warp-specialized
+Hopper kernel of the fp8 format). ``implementations_for(problem)``
 is what ``problem.why_not`` asks; the Inductor lowering offers every accepting implementation's
 configs as autotune choices, and the eager pipeline runs the first one's default config.
 """
@@ -51,8 +52,9 @@ class Implementation(Protocol):
 
 
 def _registry() -> dict:
+    from .gluon import GluonAttention
     from .triton import TritonAttention
-    return {impl.name: impl for impl in (TritonAttention(),)}
+    return {impl.name: impl for impl in (TritonAttention(), GluonAttention())}
 
 
 _IMPLEMENTATIONS: Optional[dict] = None
