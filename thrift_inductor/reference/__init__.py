@@ -4,7 +4,8 @@ Every kernel is tested against this package. It never imports Triton and runs on
 - ``quant``: element rounding and operand quantisers (§1-§2), bit-exact contracts;
 - ``selection``: block statistics, top-k budget, selection and block lists (§3), bit-exact contracts;
 - ``attention``: P quantisation and the two-precision attention (§4), defined in fp32 up to summation
-  order (kernels are compared with a budget relative to ``exact_attention``, see tests/tolerances.py).
+  order (kernels are compared with a budget relative to ``exact_attention``, see tests/tolerances.py);
+  ``return_lse=True`` adds the log-sum-exp that merges results over block-aligned key chunks (§4c).
 
 Shape legend: q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``, v ``[B, Hkv, Lk, Dv]``, ``G = Hq // Hkv``,
 ``bs`` = ``config.block_size``, ``NQB = ceil(Lq / bs)``, ``NKB = ceil(Lk / bs)``.

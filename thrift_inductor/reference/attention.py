@@ -72,7 +72,9 @@ def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale,
     v/v_lo ``[Lk_pad, Dv]`` zero-padded, hi_rows bool ``[R, NKB]`` (the row's query block).
     ``window``: keys at or before ``row - window`` are masked too (a sliding window's left edge).
     q/k/v are finite (non-finite elements read as 0); ``q_bad [R]`` / ``kv_bad [Lk]`` mark poisoned
-    tokens, whose high-path scores are NaN (q_lo / k_lo rows already are)."""
+    tokens, whose high-path scores are NaN (q_lo / k_lo rows already are).
+
+    Returns ``(out [R, Dv] in out_dtype, lse [R] fp32)`` with ``lse = m + log(ell)`` (numerics §4c)."""
     bs = config.block_size
     rows, lk = q.shape[0], k.shape[0]
     nkb = hi_rows.shape[1]
@@ -107,19 +109,25 @@ def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale,
     out = p_hi @ v.float() + p_lo @ v_lo
     # ell == 0: no visible key, output 0; a NaN ell (a poisoned score) stays NaN.
     out = torch.where(ell[:, None] == 0, 0.0, out / torch.where(ell == 0, 1.0, ell)[:, None])
-    return out.to(out_dtype)
+    # log(sum_c exp(S_rc)) = m + log(ell); -inf without a visible key (m = -inf there), NaN stays NaN.
+    lse = torch.where(ell == 0, -math.inf, m.squeeze(-1) + torch.log(torch.where(ell == 0, 1.0, ell)))
+    return out.to(out_dtype), lse
 
 
 def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
                                scale: Optional[float] = None, config: ThriftConfig = ThriftConfig(),
                                hi_idx: Optional[torch.Tensor] = None,
                                out_dtype: Optional[torch.dtype] = None,
-                               window: Optional[int] = None) -> torch.Tensor:
+                               window: Optional[int] = None, return_lse: bool = False):
     """ThriftAttention as defined by docs/numerics.md; output ``[B, Hq, Lq, Dv]`` in ``q.dtype``.
 
     ``out_dtype=torch.float32`` skips the final rounding to the input dtype (tighter kernel checks).
     ``window`` (with ``is_causal``): sliding-window attention, query i sees keys ``i - window < j <= i``
     (numerics "Sliding window"); kv blocks wholly left of a chunk's band are skipped.
+    ``return_lse=True``: returns ``(out, lse)``, lse fp32 ``[B, Hq, Lq]`` = natural log of the row's
+    softmax denominator over the scaled (high/low) scores, SDPA flash convention; ``-inf`` for a row
+    without a visible key. Outputs over key chunks aligned on blocks merge with it into the whole
+    call's output (numerics §4c).
 
     ``hi_idx`` (any width, -1 padded; invalid entries ignored) overrides ``select_blocks``. Causal is
     SDPA top-left alignment. Runs per (batch, head) in block-aligned query chunks so the score tile
@@ -134,8 +142,9 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     out_dtype = q.dtype if out_dtype is None else out_dtype
     out = torch.zeros(batch, hq, lq, dv, dtype=out_dtype, device=q.device)
+    lse = torch.full((batch, hq, lq), -math.inf, dtype=torch.float32, device=q.device)
     if lq == 0 or lk == 0:
-        return out
+        return (out, lse) if return_lse else out
     # Non-finite inputs (numerics "Non-finite inputs"): selection and both paths see the finite inputs
     # (NaN / inf read as 0); poisoned tokens reach the rows that see them through NaN scores.
     q_lo, k_lo, v_lo = quantize_operands(q, k, v, config.format, bs)     # poisoned rows are NaN
@@ -164,12 +173,12 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                     continue            # every key lies left of the band: rows give 0
                 c0, c1 = k0 * bs, kb * bs
                 hi_rows = hi_mask[b, h, r0 // bs:_cdiv(r1, bs), k0:kb].repeat_interleave(bs, 0)[:r1 - r0]
-                out[b, h, r0:r1] = _attend_chunk(
+                out[b, h, r0:r1], lse[b, h, r0:r1] = _attend_chunk(
                     q[b, h, r0:r1], k[b, kvh, c0:kn], v_pad[b, kvh, c0:c1], q_lo[b, h, r0:r1],
                     k_lo[b, kvh, c0:kn], v_lo[b, kvh, c0:c1], hi_rows, r0 - c0, is_causal=is_causal,
                     scale=scale, config=config, dtype=q.dtype, out_dtype=out_dtype, window=window,
                     q_bad=q_bad[b, h, r0:r1], kv_bad=kv_bad[b, kvh, c0:kn])
-    return out
+    return (out, lse) if return_lse else out
 
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False,
