@@ -65,7 +65,11 @@ def test_kernel_limits_are_reasons_on_cuda_only():
 
 def test_every_implementation_answers_for_itself():
     p = _problem()
+    from thrift_inductor.kernels.gluon import gluon_available
     for name, impl in implementations().items():
+        if name == "gluon_ws" and gluon_available():
+            assert impl.why_not(p).message == gluon_available(), "only the toolchain may refuse it"
+            continue
         assert impl.why_not(p) is None, name
         assert impl.configs(p, "default"), name
         if getattr(impl, "inductor_choices", True):

@@ -178,7 +178,8 @@ def _consumer(which, k_ring, vt_ring, ready, empty, q_smem, qh_smem, kh_smem, vh
                     acc = acc + pv
                 else:
                     v_sc = gl.load(vs_base + j * sVS[2] + offs_d * sVS[3])
-                    acc = acc + pv * (v_sc[None, :] * gl.convert_layout(beta, orow_l)[:, None])
+                    # (pv * v_sc) * beta + acc: one multiply and one FMA per accumulator element
+                    acc = (pv * v_sc[None, :]) * gl.convert_layout(beta, orow_l)[:, None] + acc
         mbarrier.arrive(empty.index(s), count=1)
 
     # ---- high precision: this query block's HI_IDX list on the input dtype ---------------------
