@@ -334,3 +334,40 @@ def test_layouts_partition_and_round_trip():
 
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("fmt,causal", [("fp8", False), ("nvfp4", True)])
+def test_kernel_partials_merge_like_the_oracle(fmt, causal):
+    """The chunk computation context parallel runs on a GPU (``kernels=True``): the Triton kernel with the
+    chunk's share of the global selection and its lse output; merged over block-aligned key chunks it is
+    the single-device oracle within the kernel budget (tests/tolerances.py)."""
+    from thrift_inductor.distributed.context_parallel import _chunk_attention
+    from tolerances import FP8_GPU_BUDGET, KERNEL_BUDGET, assert_kernel_matches_oracle
+    from thrift_inductor.reference import exact_attention
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, h, 320, 64, generator=g).to(dev) for h in (HQ, HKV, HKV))
+    cfg = ThriftConfig(format=fmt, fraction=0.25)
+    hi = select_blocks(q, k, is_causal=causal, config=cfg)
+    ref_out, ref_lse = thrift_attention_reference(q, k, v, is_causal=causal, config=cfg, out_dtype=torch.float32,
+                                                  return_lse=True)
+    out, lse = torch.zeros_like(ref_out), torch.full_like(ref_lse, -math.inf)
+    q_chunks = ((0, 320),) if not causal else ((0, 128), (128, 320))
+    for q0, q1 in q_chunks:
+        for s, e in ((0, 128), (128, 320)):
+            if causal and s >= q1:
+                continue                                   # keys after the query chunk: masked anyway
+            diag = causal and (s, e) == (q0, q1)
+            if causal and not diag and e > q0:
+                e = q0                                     # keys before the query chunk: a plain call
+            hq = hi[:, :, q0 // 64:-(-q1 // 64)]
+            local = torch.where((hq >= s // 64) & (hq < -(-e // 64)), hq - s // 64, -1)
+            part = _chunk_attention(q[:, :, q0:q1], k[:, :, s:e], v[:, :, s:e], local, is_causal=diag,
+                                    scale=None, config=cfg, kernels=True)
+            out[:, :, q0:q1], lse[:, :, q0:q1] = merge_partials(out[:, :, q0:q1], lse[:, :, q0:q1], *part)
+    exact = exact_attention(q, k, v, is_causal=causal)
+    budget = FP8_GPU_BUDGET if dev.type == "cuda" and fmt == "fp8" else KERNEL_BUDGET
+    assert_kernel_matches_oracle(out, ref_out, exact, budget=budget)
+    assert float((lse - ref_lse).abs().max()) < 1e-3

@@ -326,3 +326,21 @@ def test_microblock_matches_oracle_gpu(fmt, n, causal):
     cfg = ThriftConfig(format=fmt, fraction=0.05, p_quant="microblock")
     out, oracle, exact = run_case(q, k, v, cfg, causal)
     assert_kernel_matches_oracle(out, oracle, exact, budget=_budget(fmt))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_lse_output_matches_oracle(fmt, causal):
+    """The eager kernel's optional log-sum-exp (numerics §4c, context parallel merges with it)."""
+    q, k, v = _qkv(2, 1, 150, 150, 64, torch.bfloat16)
+    cfg = ThriftConfig(format=fmt, fraction=0.3)
+    out, lse = pipeline.run(q, k, v, scale=None, is_causal=causal, config=cfg, impl_name="triton",
+                            return_lse=True, out_dtype=torch.float32)
+    ref_out, ref_lse = ref.thrift_attention_reference(q, k, v, is_causal=causal, config=cfg, return_lse=True,
+                                                      out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and lse.shape == (1, 2, 150)
+    assert_kernel_matches_oracle(out, ref_out, ref.exact_attention(q, k, v, is_causal=causal), budget=_budget(fmt))
+    assert float((lse - ref_lse).abs().max()) < (1e-3 if DEV.type == "cuda" else 1e-4)
+    empty = pipeline.run(q, k[:, :, :0], v[:, :, :0], scale=None, is_causal=False, config=cfg,
+                         impl_name="triton", return_lse=True)
+    assert bool((empty[0] == 0).all()) and bool(torch.isneginf(empty[1]).all())

@@ -50,8 +50,10 @@ def implementation(problem: Problem, name: Optional[str] = None):
 
 
 def prepare(q, k, v, *, is_causal: bool, config: ThriftConfig, impl=None, use_torch_stages: bool = False,
-            window: Optional[int] = None) -> Stages:
-    """Prepass + selection (Triton kernels, or their torch twins built on the oracle) -> contract operands."""
+            window: Optional[int] = None, hi_idx: Optional[torch.Tensor] = None) -> Stages:
+    """Prepass + selection (Triton kernels, or their torch twins built on the oracle) -> contract operands.
+    ``hi_idx`` (``[B, Hq, NQB, *]``, -1 padded, as the oracle takes it) replaces the selection: the lists
+    are built from it (context parallel hands each chunk its share of the global selection)."""
     from .kernels import contract
     from .kernels import prepass as P
     from .kernels import select as S
@@ -61,19 +63,37 @@ def prepare(q, k, v, *, is_causal: bool, config: ThriftConfig, impl=None, use_to
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
     prep = (P.prepass_torch if use_torch_stages else P.prepass)(q, k, v, config.format, config.block_size)
-    sel = S.select_torch if use_torch_stages else S.select
     extra = {} if window is None else {"window": int(window)}
-    lists = sel(prep, q.shape[2], k.shape[2], is_causal=is_causal, config=config, **extra)
+    if hi_idx is None:
+        sel = S.select_torch if use_torch_stages else S.select
+        lists = sel(prep, q.shape[2], k.shape[2], is_causal=is_causal, config=config, **extra)
+    else:
+        lists = lists_from_hi_idx(hi_idx, q.shape[2], k.shape[2], config.block_size, is_causal, q.device, **extra)
     return Stages(problem, contract.gather(q, k, v, prep, lists), prep, lists)
+
+
+def lists_from_hi_idx(hi_idx: torch.Tensor, lq: int, lk: int, block_size: int, is_causal: bool, device,
+                      window: Optional[int] = None):
+    """``BlockLists`` (the select stage's outputs) for an explicit high-precision selection."""
+    from . import reference as ref
+    from .kernels.select import BlockLists
+    w = {} if window is None else {"window": window}
+    hi_idx = hi_idx.cpu()
+    lists = ref.block_lists(hi_idx, lq, lk, block_size, is_causal, **w)
+    hi_map = ref.hi_block_mask(hi_idx, lq, lk, block_size, is_causal, **w).to(torch.int8)
+    return BlockLists(*(t.to(device).contiguous() for t in (*lists, hi_map)))
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float], is_causal: bool,
         config: Optional[ThriftConfig] = None, impl_name: Optional[str] = None, launch_config=None,
-        window: Optional[int] = None) -> torch.Tensor:
+        window: Optional[int] = None, hi_idx: Optional[torch.Tensor] = None, return_lse: bool = False,
+        out_dtype: Optional[torch.dtype] = None):
     """ThriftAttention forward on a kernel implementation: ``[B, Hq, Lq, D]`` in ``q.dtype``.
 
     ``scale=None`` means ``1/sqrt(D)`` of the real head dim (SDPA semantics). Inputs may have any strides.
     Raises ``ValueError`` with the reason when no kernel implementation takes the call.
+    ``hi_idx`` overrides the selection; ``return_lse`` also returns the fp32 log-sum-exp ``[B, Hq, Lq]``
+    (numerics §4c); ``out_dtype`` (e.g. fp32 for partial results that are merged later).
     """
     config = config or ThriftConfig()
     problem = make_problem(q, k, v, is_causal=is_causal, config=config, window=window)
@@ -83,6 +103,8 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[fl
     impl = implementation(problem, impl_name)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    stages = prepare(q, k, v, is_causal=is_causal, config=config, impl=impl, window=window)
-    out = impl.launch(stages.operands, problem, scale, launch_config)
-    return out[..., :D].contiguous() if out.shape[-1] != D else out
+    stages = prepare(q, k, v, is_causal=is_causal, config=config, impl=impl, window=window, hi_idx=hi_idx)
+    res = impl.launch(stages.operands, problem, scale, launch_config, return_lse=return_lse, out_dtype=out_dtype)
+    out, lse = res if return_lse else (res, None)
+    out = out[..., :D].contiguous() if out.shape[-1] != D else out
+    return (out, lse) if return_lse else out

@@ -210,7 +210,19 @@ def _span(run):
     return run[0][0], run[-1][0] + run[-1][2] - run[-1][1]
 
 
-def _attend_visiting(q, kv, d, src_pieces, q_pieces, hi_rows, acc, acc_lse, *, is_causal, scale, config, nkb):
+def _chunk_attention(q, k, v, hi_idx, *, is_causal, scale, config, kernels: bool):
+    """One partial attention with its lse, fp32: the Triton kernel (``pipeline.run`` with the chunk's share
+    of the global selection) or the oracle. Both follow numerics §4c; the kernel to its usual budget."""
+    if kernels:
+        from .. import pipeline
+        return pipeline.run(q, k, v, scale=scale, is_causal=is_causal, config=config, impl_name="triton",
+                            hi_idx=hi_idx, return_lse=True, out_dtype=torch.float32)
+    return thrift_attention_reference(q, k, v, is_causal=is_causal, scale=scale, config=config, hi_idx=hi_idx,
+                                      out_dtype=torch.float32, return_lse=True)
+
+
+def _attend_visiting(q, kv, d, src_pieces, q_pieces, hi_rows, acc, acc_lse, *, is_causal, scale, config, nkb,
+                     kernels=False):
     """Partial attention of the local queries against the K/V pieces of one visiting rank (``kv`` = its
     k and v side by side along the channels), merged into ``acc`` / ``acc_lse``. Runs of pieces are
     block-aligned in both local tensors (layout rule), so a run is one oracle call whose kv blocks are
@@ -227,9 +239,8 @@ def _attend_visiting(q, kv, d, src_pieces, q_pieces, hi_rows, acc, acc_lse, *, i
         hi = torch.cat([rows_of[qp] for qp in q_run], 2).long()
         local_hi = torch.where(hi >= 0, frame[hi.clamp(min=0)], -1)           # -1 entries the oracle drops
         (q0, q1), (k0, k1) = _span(q_run), _span(kv_run)
-        out_c, lse_c = thrift_attention_reference(
-            q[:, :, q0:q1], kv[:, :, k0:k1, :d], kv[:, :, k0:k1, d:], is_causal=causal, scale=scale,
-            config=config, hi_idx=local_hi, out_dtype=torch.float32, return_lse=True)
+        out_c, lse_c = _chunk_attention(q[:, :, q0:q1], kv[:, :, k0:k1, :d], kv[:, :, k0:k1, d:], local_hi,
+                                        is_causal=causal, scale=scale, config=config, kernels=kernels)
         acc[:, :, q0:q1], acc_lse[:, :, q0:q1] = merge_partials(acc[:, :, q0:q1], acc_lse[:, :, q0:q1],
                                                                 out_c, lse_c)
 
@@ -238,7 +249,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                config: ThriftConfig = ThriftConfig(), is_causal: bool = False,
                                scale: Optional[float] = None,
                                layout: Union[str, SequenceLayout] = CONTIGUOUS,
-                               out_dtype: Optional[torch.dtype] = None, return_lse: bool = False):
+                               out_dtype: Optional[torch.dtype] = None, return_lse: bool = False,
+                               kernels: Optional[bool] = None):
     """ThriftAttention over a sequence sharded across ``group`` (self-attention: q, k, v sharded alike).
 
     q ``[B, Hq, n, D]``, k ``[B, Hkv, n, D]``, v ``[B, Hkv, n, Dv]``: this rank's tokens of the layout
@@ -246,7 +258,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ``layout.alignment(config)``; ``"load_balanced"``: pieces r and 2W-1-r of 2W, torch's causal
     head-tail; or an explicit ``SequenceLayout``). Returns this rank's rows ``[B, Hq, n, Dv]`` (in
     ``out_dtype``, default ``q.dtype``), and with ``return_lse`` also their lse fp32 ``[B, Hq, n]``.
-    Every rank of ``group`` must call it (collectives). ``scale=None`` is ``1/sqrt(D)``."""
+    Every rank of ``group`` must call it (collectives). ``scale=None`` is ``1/sqrt(D)``.
+    ``kernels``: each partial attention on the Triton kernel with its lse output (default on CUDA) or on
+    the oracle (default on CPU; ``True`` there needs ``TRITON_INTERPRET=1``)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("context_parallel_attention needs an initialised torch.distributed process group")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -260,6 +274,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if whole:
         raise NotImplementedError(f"context parallel with {whole}: those levers use means over the whole "
                                   "sequence, which would need an all-reduce (not built)")
+    if kernels is None:
+        kernels = q.is_cuda
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     layout = resolve_layout(layout, q.shape[2], group, config, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -286,7 +302,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if q_pieces:
             _attend_visiting(q, cur, d, layout.local_pieces(src), q_pieces, hi_rows, acc, acc_lse,
                              is_causal=is_causal, scale=scale, config=config,
-                             nkb=_cdiv(layout.seq_len, config.block_size))
+                             nkb=_cdiv(layout.seq_len, config.block_size), kernels=kernels)
         for req in reqs:
             req.wait()
         cur, src = nxt, nxt_src

@@ -43,8 +43,11 @@ class Implementation(Protocol):
     def config_from_dict(self, d: dict):
         """Inverse of ``config_to_dict``."""
 
-    def launch(self, operands: tuple, problem: Problem, scale: float, config=None) -> torch.Tensor:
-        """Eager launch on the contract operands (``contract.gather``); returns ``[B, Hq, Lq, D]``."""
+    def launch(self, operands: tuple, problem: Problem, scale: float, config=None, *, return_lse: bool = False,
+               out_dtype=None):
+        """Eager launch on the contract operands (``contract.gather``); returns ``[B, Hq, Lq, D]`` (in
+        ``out_dtype``, default the input dtype), and with ``return_lse`` also the fp32 ``[B, Hq, Lq]``
+        log-sum-exp (numerics §4c); an implementation without it raises ``NotImplementedError``."""
 
     def append_choices(self, choices: list, input_nodes: list, layout, problem: Problem, scale: float,
                        configs: Sequence) -> list:

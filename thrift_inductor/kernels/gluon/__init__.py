@@ -122,8 +122,11 @@ class GluonAttention:
     def config_from_dict(self, d: dict) -> GluonConfig:
         return GluonConfig.from_dict(d)
 
-    def launch(self, operands: tuple, problem: Problem, scale: float,
-               config: Optional[GluonConfig] = None) -> torch.Tensor:
+    def launch(self, operands: tuple, problem: Problem, scale: float, config: Optional[GluonConfig] = None,
+               *, return_lse: bool = False, out_dtype: Optional[torch.dtype] = None):
+        if return_lse or out_dtype not in (None, operands[contract.INDEX["Q"]].dtype):
+            raise NotImplementedError("the warp-specialized kernel returns the output in the input dtype only "
+                                      "(no log-sum-exp yet): use impl_name='triton'")
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 

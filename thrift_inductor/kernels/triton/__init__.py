@@ -89,8 +89,8 @@ class TritonAttention:
     def config_from_dict(self, d: dict) -> TritonConfig:
         return TritonConfig.from_dict(d)
 
-    def launch(self, operands: tuple, problem: Problem, scale: float,
-               config: Optional[TritonConfig] = None) -> torch.Tensor:
+    def launch(self, operands: tuple, problem: Problem, scale: float, config: Optional[TritonConfig] = None,
+               *, return_lse: bool = False, out_dtype: Optional[torch.dtype] = None):
         q = operands[contract.INDEX["Q"]]
         B, Hq, Lq, D = q.shape
         Lk = operands[contract.INDEX["K"]].shape[2]
@@ -103,15 +103,17 @@ class TritonAttention:
         why = self.config_why_not(problem, config)
         if why:
             raise ValueError(f"launch config {config.describe()} cannot run this problem: {why}")
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        if out.numel() == 0:
-            return out
+        out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
+        lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
+        if out.numel() == 0 or Lk == 0:
+            out.zero_()       # no key: output 0, lse -inf (the oracle's convention)
+            return (out, lse) if return_lse else out
         from .kernel import thrift_attention_fwd
         grid = (triton.cdiv(Lq, config.block_m), B * Hq)
-        thrift_attention_fwd[grid](operands, contract.strides(operands), out, *out.stride(), Lq, Lk, Hq,
-                                   num_warps=config.num_warps, num_stages=config.num_stages,
-                                   **constexprs(problem, scale, config))
-        return out
+        thrift_attention_fwd[grid](operands, contract.strides(operands), out, *out.stride(), lse, *lse.stride(),
+                                   Lq, Lk, Hq, num_warps=config.num_warps, num_stages=config.num_stages,
+                                   HAS_LSE=return_lse, **constexprs(problem, scale, config))
+        return (out, lse) if return_lse else out
 
     def append_choices(self, choices: list, input_nodes: list, layout, problem: Problem, scale: float,
                        configs: Sequence) -> list:

@@ -49,6 +49,7 @@ _LOG2_P_FP4_MAX = tl.constexpr(math.log2(P_FP4_MAX))
 _INV_P_FP8_MAX = tl.constexpr(1.0 / P_FP8_MAX)
 _INV_P_FP4_MAX = tl.constexpr(1.0 / P_FP4_MAX)
 _LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(math.log(2.0))
 _E2M1_MAX = tl.constexpr(E2M1_MAX)
 _FP32_EXP_MASK = tl.constexpr(0x7F800000)
 _E2M1_P_MAGIC = tl.constexpr(1.5 * 2.0 ** 22)
@@ -258,13 +259,15 @@ def _low_range(acc, l_i, m_i, start, end, low, walk, MASKED: tl.constexpr, FROM_
 
 
 @triton.jit
-def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
-                          SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
-                          P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
-                          FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
-                          HI_STAGES: tl.constexpr, LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr):
-    """T: operand pointers, S: their stride tuples, both in kernels/contract.py order."""
+def thrift_attention_state(T, S, Lq, Lk, off_z, off_hq, start_m,
+                           SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
+                           P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
+                           FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
+                           HI_STAGES: tl.constexpr, LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr):
+    """T: operand pointers, S: their stride tuples, both in kernels/contract.py order. Returns the online
+    softmax state (acc, l, m): the unnormalised fp32 output tile, the row sums and the reference row maxima
+    (log2 units of the scaled scores), so ``O = acc / l`` and ``lse = (m + log2 l) * ln 2``."""
     Q, K, V, Q_LO, Q_SCALE, K_LO, K_SCALE, V_LO_T, V_SCALE, HI_IDX, HI_CNT, LO_IDX, LO_CNT, HI_MAP = T
     sQ, sK, sV, sQL, sQS, sKL, sKS, sVT, sVS, sHI, sHC, sLI, sLC, sHM = S
     tl.static_assert(BLOCK_N % BLOCK_M == 0 or BLOCK_M % BLOCK_N == 0,
@@ -366,6 +369,25 @@ def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
                                          P_EXACT_ROUND=P_EXACT_ROUND, RESCALE_SLACK=RESCALE_SLACK,
                                          FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
 
+    return acc, l_i, m_i
+
+
+@triton.jit
+def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
+                          SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
+                          P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
+                          FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
+                          HI_STAGES: tl.constexpr, LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr):
+    """The normalised fp32 ``[BLOCK_M, HEAD_DIM]`` output tile (what the template stores)."""
+    acc, l_i, m_i = thrift_attention_state(T, S, Lq, Lk, off_z, off_hq, start_m, SM_SCALE, BLOCK_M, BLOCK_N,
+                                           HEAD_DIM, IS_CAUSAL, FORMAT, P_MICRO, GQA_GROUP, P_EXACT_ROUND,
+                                           FP8_ACC_PROMOTE, RESCALE_SLACK, HI_STAGES, LOW_LISTS, WINDOW)
+    return _normalise(acc, l_i)
+
+
+@triton.jit
+def _normalise(acc, l_i):
     # l == 0 only when the row saw no key at all (no candidates): the contract says output 0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     return acc / l_safe[:, None]
@@ -381,21 +403,30 @@ def thrift_attention_program(pid_m, Lq, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.con
 
 
 @triton.jit
-def thrift_attention_fwd(T, S, OUT, stride_oz, stride_oh, stride_om, stride_od, Lq, Lk, HQ,
+def thrift_attention_fwd(T, S, OUT, stride_oz, stride_oh, stride_om, stride_od, LSE, stride_lz, stride_lh,
+                         stride_lm, Lq, Lk, HQ,
                          SM_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
                          P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
                          FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr, HI_STAGES: tl.constexpr,
-                         LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr):
-    """The eager kernel: the tile plus a plain store (the template stores through Inductor's epilogue)."""
+                         LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr, HAS_LSE: tl.constexpr = False):
+    """The eager kernel: the tile plus a plain store (the template stores through Inductor's epilogue).
+    HAS_LSE: also store each row's natural log-sum-exp of the scaled scores (fp32 ``[B, Hq, Lq]``; ``-inf``
+    for a row without a visible key), so partial results over key chunks merge exactly (numerics §4c)."""
     start_m = thrift_attention_program(tl.program_id(0), Lq, BLOCK_M, IS_CAUSAL)
     off_zh = tl.program_id(1)
     off_z = off_zh // HQ
     off_hq = off_zh % HQ
-    acc = thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m, SM_SCALE, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                IS_CAUSAL, FORMAT, P_MICRO, GQA_GROUP, P_EXACT_ROUND, FP8_ACC_PROMOTE,
-                                RESCALE_SLACK, HI_STAGES, LOW_LISTS, WINDOW)
+    acc, l_i, m_i = thrift_attention_state(T, S, Lq, Lk, off_z, off_hq, start_m, SM_SCALE, BLOCK_M, BLOCK_N,
+                                           HEAD_DIM, IS_CAUSAL, FORMAT, P_MICRO, GQA_GROUP, P_EXACT_ROUND,
+                                           FP8_ACC_PROMOTE, RESCALE_SLACK, HI_STAGES, LOW_LISTS, WINDOW)
+    acc = _normalise(acc, l_i)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if HAS_LSE:
+        # m is in log2 units (scale * log2e folded into the scores), l sums exp2(s - m): ln sum exp = (m + log2 l) ln 2
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))) * _LN2)
+        tl.store(LSE + off_z.to(tl.int64) * stride_lz + off_hq.to(tl.int64) * stride_lh + offs_m * stride_lm,
+                 lse, mask=offs_m < Lq)
     offs_d = tl.arange(0, HEAD_DIM)
     o_ptrs = (OUT + off_z.to(tl.int64) * stride_oz + off_hq.to(tl.int64) * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
