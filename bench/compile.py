@@ -10,7 +10,8 @@ attention + SwiGLU MLP), compiled in fresh subprocesses, per mode (default, max-
 Reported: seconds to the first output, the process wall time, autotune benchmarks actually run
 (``AlgorithmSelectorCache`` calls that benchmarked and runtime ``benchmark_all_configs`` calls, counted
 in the child: Inductor's ``select_algorithm_autotune`` counter replays the cold run's count on a cache
-hit), FX cache hits/misses, thrift store hits/misses.
+hit), FX graph and AOTAutograd cache hits/misses, thrift store hits/misses. Children inherit no cache
+switch from the shell (``INHERITED_CACHE_ENV``): each phase gets only what its plan gives it.
 
 Part 2, kernels: one attention call compiled with only the template (default config) vs only the eager
 fallback op (``lowering.kernel_choices``), timed with ``do_bench`` (median ms).
@@ -50,6 +51,12 @@ PHASES = ("cold", "warm_local", "warm_redis", "warm_archive")
 CHILD_TIMEOUT_S = 1800           # a cold max-autotune compile at 32k benchmarks many GEMM configs
 REDIS_START_TIMEOUT_S = 10.0
 REDIS_POLL_S = 0.05
+# Cache switches a child must not inherit from the shell that runs the bench (a phase "without Redis"
+# would otherwise still read or write one).
+INHERITED_CACHE_ENV = ("THRIFT_REDIS_URL", "TORCHINDUCTOR_REDIS_URL", "TORCHINDUCTOR_REDIS_HOST",
+                       "TORCHINDUCTOR_REDIS_PORT", "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE",
+                       "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE", "TORCHINDUCTOR_BUNDLED_AUTOTUNE_REMOTE_CACHE",
+                       "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE")
 # Kernel-choice part: the 4-layer model's attention shape of the earlier results (bench/results/compile.md).
 KERNEL_HEADS, KERNEL_KV_HEADS = 8, 2
 
@@ -105,7 +112,8 @@ CHILD = textwrap.dedent("""
     print("RESULT", json.dumps({{"seconds": secs, "thrift": dict(counters["thrift"]),
         "autotune": selections_benchmarked, "runtime_autotune": calls["runtime_autotune"],
         "selections": calls["selections"], "fx_hit": ind["fxgraph_cache_hit"],
-        "fx_miss": ind["fxgraph_cache_miss"]}}))
+        "fx_miss": ind["fxgraph_cache_miss"], "aot_hit": counters["aot_autograd"]["autograd_cache_hit"],
+        "aot_miss": counters["aot_autograd"]["autograd_cache_miss"]}}))
 """).format(dim=DIM, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, mlp=MLP_DIM, layers=LAYERS,
             fraction=FRACTION, batch=BATCH)
 
@@ -140,7 +148,8 @@ def run_child(length: int, mode: str, cache_dir: Path, store: Path, redis_url, i
               export_path=None) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "THRIFT_AUTOTUNE_STORE": str(store)}
-    env.pop("THRIFT_REDIS_URL", None)
+    for var in INHERITED_CACHE_ENV:        # phases differ only in what the plan gives them
+        env.pop(var, None)
     if redis_url:
         env["THRIFT_REDIS_URL"] = redis_url
     args = [str(length), mode, str(import_path or "-"), str(export_path or "-")]
@@ -177,7 +186,7 @@ def compile_phases(length: int, mode: str, work: Path, redis_url) -> list[dict]:
             continue
         print(f"  L={length} {mode:<12} {phase:<12} first call {r['seconds']:.1f}s (process "
               f"{r['process_seconds']:.1f}s) autotune={r['autotune']} runtime_autotune={r['runtime_autotune']} "
-              f"fx_hit={r['fx_hit']} thrift={r['thrift']}", flush=True)
+              f"fx_hit={r['fx_hit']} aot_hit={r['aot_hit']} thrift={r['thrift']}", flush=True)
         rows.append({"phase": phase, "mode": mode, "seq_len": length, **r})
     return rows
 
@@ -243,7 +252,8 @@ def write_results(out_dir: Path, compile_rows: list[dict], kernel_rows: dict, en
         w = csv.DictWriter(f, fieldnames=["benchmark", "seq_len", "variant", "metric", "value", *base])
         w.writeheader()
         for r in compile_rows:
-            for metric in ("seconds", "process_seconds", "autotune", "runtime_autotune", "fx_hit", "fx_miss"):
+            for metric in ("seconds", "process_seconds", "autotune", "runtime_autotune", "fx_hit", "fx_miss",
+                           "aot_hit", "aot_miss"):
                 w.writerow({"benchmark": "compile", "seq_len": r["seq_len"], "variant": f"{r['mode']}/{r['phase']}",
                             "metric": metric, "value": r[metric], **base})
         for length, times in kernel_rows.items():
@@ -261,13 +271,13 @@ def write_results(out_dir: Path, compile_rows: list[dict], kernel_rows: dict, en
              "`cache import` of the cold run's archive. Benchmarks = selections that benchmarked "
              "(Inductor GEMMs and thrift) / runtime autotunes (multi-config Triton kernels), counted in the child.", "",
              "| mode | seq len | phase | first call s | process s | benchmarks | runtime autotunes | FX hit/miss "
-             "| thrift store |", "|---|---|---|---|---|---|---|---|---|"]
+             "| AOT hit/miss | thrift store |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in compile_rows:
         store = ", ".join(f"{k.removeprefix('autotune_store_')}={v}" for k, v in r["thrift"].items()
                           if k.startswith("autotune_store"))
         lines.append(f"| {r['mode']} | {r['seq_len']} | {r['phase']} | {r['seconds']:.1f} | "
                      f"{r['process_seconds']:.1f} | {r['autotune']} | {r['runtime_autotune']} | "
-                     f"{r['fx_hit']}/{r['fx_miss']} | {store} |")
+                     f"{r['fx_hit']}/{r['fx_miss']} | {r['aot_hit']}/{r['aot_miss']} | {store} |")
     lines += ["", "## One attention call, template vs eager fallback (ms)", "",
               "wall = do_bench median of the whole compiled call (prepass + selection + attention, incl. launch "
               "overhead); device = profiler sum of GPU kernel time per call; attn = the attention kernel alone.", "",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch._inductor.compile_fx import compile_fx
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
 from . import ops  # noqa: F401  (registers torch.ops.thrift.attention)
 from . import remote_cache
@@ -68,9 +68,17 @@ def thrift_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = 
     """
     cfg, inductor_options = split_options(options)
     _load_lowering()
-    with remote_cache.shared_caches(remote_cache.resolve_url(options)) as sharing:
-        return compile_fx(gm, example_inputs,
+    # key_neutral: Redis on or off, the same FX graph and AOTAutograd keys (remote_cache.key_neutral);
+    # also around inner_compile, which a lazily compiled backward graph calls after this returns.
+    with remote_cache.key_neutral(), \
+            remote_cache.shared_caches(remote_cache.resolve_url(options)) as sharing:
+        return compile_fx(gm, example_inputs, inner_compile=_key_neutral_inner_compile,
                           config_patches=config_patches(cfg, mode, inductor_options, sharing))
+
+
+def _key_neutral_inner_compile(*args, **kwargs):
+    with remote_cache.key_neutral():
+        return compile_fx_inner(*args, **kwargs)
 
 
 def register() -> None:

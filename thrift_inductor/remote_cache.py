@@ -16,6 +16,16 @@ Identity: Inductor's keys already hash the torch sources (``torch_key``), the GP
 ThriftConfig); thrift's store key names them explicitly. So one Redis can serve mixed fleets: a
 different stack misses, it never loads foreign code.
 
+Same keys with and without Redis (issue 14): torch leaves ``fx_graph_remote_cache`` and
+``autotune_remote_cache`` out of its cache keys, but hashes ``bundled_autotune_remote_cache`` into the FX
+graph key (GPU only: it is switched on only where Triton has a backend) and
+``torch._functorch.config.enable_remote_autograd_cache`` into the AOTAutograd key. A process without
+Redis then looked up other keys than the cold process with Redis had written, in the same local cache
+dir and in the archive that process exported (H200: FX 0/1 in warm_local and warm_archive; CPU: the
+AOTAutograd entry missed). ``key_neutral()`` wraps every thrift compile, Redis on or off, and adds those
+switches to torch's key ignore lists for that compile: a cache entry's key says what was compiled,
+never where it is stored.
+
 A Redis that does not answer a ping within ``REDIS_TIMEOUT_S`` turns sharing off for that compile with
 one warning per URL: the compile uses the local caches and succeeds. Inductor's Redis client has no
 timeout of its own, so the exported URL carries ours as query arguments.
@@ -45,8 +55,15 @@ INDUCTOR_REMOTE_FLAGS = ("fx_graph_remote_cache", "autotune_remote_cache", "bund
 BUNDLED_FLAG = "bundled_autotune_remote_cache"
 FUNCTORCH_REMOTE_FLAG = "enable_remote_autograd_cache"   # torch._functorch.config
 
+# Switches that only say where cache entries are stored, never what is compiled: they must not enter
+# the FX graph key (torch._inductor.config._cache_config_ignore_prefix) nor the AOTAutograd key
+# (torch._functorch.config.save_config(), which skips _save_config_ignore).
+KEY_NEUTRAL_INDUCTOR = INDUCTOR_REMOTE_FLAGS
+KEY_NEUTRAL_FUNCTORCH = (FUNCTORCH_REMOTE_FLAG,)
+
 _UNSET = object()
 _warned_down: set[str] = set()
+_warned_key_neutral: list = []
 
 
 def redact(url: str) -> str:
@@ -112,6 +129,36 @@ def inductor_patches() -> dict:
         # interpreter); without one there is no runtime autotuning to bundle anyway.
         flags.remove(BUNDLED_FLAG)
     return dict.fromkeys(flags, True)
+
+
+@contextlib.contextmanager
+def key_neutral() -> Iterator[None]:
+    """Hash cache keys without the remote-cache switches, for one thrift compile (Redis on or off).
+
+    Patches (thread-local, like ``config_patches``) the ignore lists torch reads each time it computes a
+    key, so a compile with ``shared_caches`` patches and one without compute the same FX graph and
+    AOTAutograd keys: a warm process without Redis hits the local entries and the archive that a cold
+    process with Redis wrote, and the reverse. Compiles outside the scope (other backends) are untouched."""
+    import torch._functorch.config
+    import torch._inductor.config
+    with contextlib.ExitStack() as stack:
+        for module, attr, names in ((torch._inductor.config, "_cache_config_ignore_prefix", KEY_NEUTRAL_INDUCTOR),
+                                    (torch._functorch.config, "_save_config_ignore", KEY_NEUTRAL_FUNCTORCH)):
+            current = getattr(module, attr, None)
+            missing = [n for n in names if isinstance(current, list) and n not in current]
+            if not missing:
+                continue
+            try:
+                stack.enter_context(module.patch({attr: current + missing}))
+            except (AttributeError, KeyError, AssertionError) as exc:
+                # a torch whose config module does not take these private lists: keys then depend on the
+                # sharing switches (warm processes must use the same setting), the compile goes on
+                if not _warned_key_neutral:
+                    _warned_key_neutral.append(True)
+                    warnings.warn(f"thrift: cannot keep remote-cache switches out of torch's cache keys here "
+                                  f"({exc}); a process without Redis will not hit entries written with it",
+                                  RuntimeWarning, stacklevel=2)
+        yield
 
 
 @contextlib.contextmanager
