@@ -48,6 +48,7 @@ KV_LEN = "kv_len"              # key and value lengths differ
 DEVICE = "device"              # q, k, v on different devices
 WINDOW = "window"              # a sliding window the implementations cannot take
 NO_KERNEL = "no_kernel"        # semantically fine, but no kernel implementation takes it on this device
+LEVER = "lever"                # an opt-in fidelity lever (ThriftConfig.levers()) only the oracle defines yet
 
 
 def interpreting() -> bool:
@@ -149,9 +150,22 @@ def semantic_why_not(p: Problem) -> Optional[Reason]:
     return None
 
 
+def lever_why_not(p: Problem) -> Optional[Reason]:
+    """Opt-in fidelity levers (``ThriftConfig.levers()``: smoothing, fp8 Q, sink blocks) are defined in the
+    oracle (reference.quant.lowpath_operands, reference.selection) only: the op's arguments, the prepass
+    and the kernels do not carry them yet, so every path that runs the op refuses them (on every device:
+    the op would otherwise drop them silently)."""
+    levers = p.config.levers()
+    if not levers:
+        return None
+    named = ", ".join(f"{k}={v!r}" for k, v in levers.items())
+    return Reason(LEVER, f"fidelity lever(s) {named} are defined in the oracle only (no op argument, prepass "
+                         f"or kernel carries them yet); use reference.thrift_attention_reference, or the defaults")
+
+
 def why_not(p: Problem) -> Optional[Reason]:
     """None when thrift computes ``p`` on its device (semantics + a kernel where one is required)."""
-    reason = semantic_why_not(p)
+    reason = semantic_why_not(p) or lever_why_not(p)
     if reason is not None or not p.wants_kernel:
         return reason
     from .kernels import implementations_for   # imports Triton: only when a kernel is needed

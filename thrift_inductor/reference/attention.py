@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ..config import FORMATS, ThriftConfig
 from ..constants import P_FP4_MAX, P_FP8_MAX
-from .quant import e2m1_rn, e4m3_rn, fake_quantize, finite_or_zero, poisoned_tokens, quantize_operands
+from .quant import any_lowpath_lever, e2m1_rn, e4m3_rn, fake_quantize, finite_or_zero, low_scores, \
+    lowpath_operands, poisoned_tokens, quantize_operands
 from .selection import _cdiv, effective_window, hi_block_mask, select_blocks
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,7 +68,7 @@ def _chunk_rows(lk_pad: int, block_size: int) -> int:
 
 
 def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale, config, dtype, out_dtype,
-                  window=None, q_bad=None, kv_bad=None):
+                  window=None, q_bad=None, kv_bad=None, row_bias=None, key_bias=None):
     """Rows ``row0 .. row0 + R`` of one (batch, head). q/q_lo ``[R, D]``, k/k_lo ``[Lk, D]``,
     v/v_lo ``[Lk_pad, Dv]`` zero-padded, hi_rows bool ``[R, NKB]`` (the row's query block).
     ``window``: keys at or before ``row - window`` are masked too (a sliding window's left edge).
@@ -81,7 +82,10 @@ def _attend_chunk(q, k, v, q_lo, k_lo, v_lo, hi_rows, row0, *, is_causal, scale,
     s_hi = (q.float() @ k.float().T) * scale
     if q_bad is not None:
         s_hi = s_hi.masked_fill(q_bad[:, None] | kv_bad[None, :], math.nan)
-    s_lo = (q_lo @ k_lo.T) * scale
+    if row_bias is None and key_bias is None:
+        s_lo = (q_lo @ k_lo.T) * scale
+    else:       # opt-in smoothing levers: exact correction terms (reference/quant.py lowpath_operands)
+        s_lo = low_scores(q_lo, k_lo, scale, row_bias, key_bias)
     hi_keys = hi_rows.repeat_interleave(bs, 1)[:, :lk]
     s = torch.where(hi_keys, s_hi, s_lo)
     del s_hi, s_lo, hi_keys
@@ -147,7 +151,12 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return (out, lse) if return_lse else out
     # Non-finite inputs (numerics "Non-finite inputs"): selection and both paths see the finite inputs
     # (NaN / inf read as 0); poisoned tokens reach the rows that see them through NaN scores.
-    q_lo, k_lo, v_lo = quantize_operands(q, k, v, config.format, bs)     # poisoned rows are NaN
+    row_bias = key_bias = None
+    if any_lowpath_lever(config):
+        lp = lowpath_operands(q, k, v, config)                          # fidelity_notes.md "v2"
+        q_lo, k_lo, v_lo, row_bias, key_bias = lp.q_lo, lp.k_lo, lp.v_lo, lp.row_bias, lp.key_bias
+    else:
+        q_lo, k_lo, v_lo = quantize_operands(q, k, v, config.format, bs)     # poisoned rows are NaN
     q_bad, kv_bad = poisoned_tokens(q, k, v)
     q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
     if hi_idx is None:
@@ -177,7 +186,9 @@ def thrift_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                     q[b, h, r0:r1], k[b, kvh, c0:kn], v_pad[b, kvh, c0:c1], q_lo[b, h, r0:r1],
                     k_lo[b, kvh, c0:kn], v_lo[b, kvh, c0:c1], hi_rows, r0 - c0, is_causal=is_causal,
                     scale=scale, config=config, dtype=q.dtype, out_dtype=out_dtype, window=window,
-                    q_bad=q_bad[b, h, r0:r1], kv_bad=kv_bad[b, kvh, c0:kn])
+                    q_bad=q_bad[b, h, r0:r1], kv_bad=kv_bad[b, kvh, c0:kn],
+                    row_bias=None if row_bias is None else row_bias[b, h, r0:r1],
+                    key_bias=None if key_bias is None else key_bias[b, h, c0:kn])
     return (out, lse) if return_lse else out
 
 

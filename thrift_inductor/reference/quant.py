@@ -1,4 +1,5 @@
-"""Oracle part 1: element rounding and operand quantisers (docs/numerics.md §1-§2).
+"""Oracle part 1: element rounding and operand quantisers (docs/numerics.md §1-§2), and the opt-in
+low-path levers (``lowpath_operands``: smoothing, fp8 Q; docs/fidelity_notes.md).
 
 Bit-exact contracts: every kernel's rounding and quantiser must reproduce these values exactly.
 """
@@ -232,3 +233,107 @@ def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: st
     return (poison_rows(fake_quantize(finite_or_zero(q), fmt, dim=-1), q_bad),
             poison_rows(fake_quantize(finite_or_zero(k), fmt, dim=-1), kv_bad),
             fake_quantize(finite_or_zero(v), fmt, dim=-2, block=v_block))
+
+
+# ----------------------------------------------------------------------------------------------
+# Opt-in low-path levers (ThriftConfig.smooth_q / smooth_k / q_quant; docs/fidelity_notes.md)
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LowPath:
+    """Low-path operands and the exact score corrections that go with them.
+
+    ``q_lo [B, Hq, Lq, D]``, ``k_lo [B, Hkv, Lk, D]``, ``v_lo`` (fp32, dequantised, as ``quantize_operands``)
+    are the quantised *smoothed* operands ``q - q_mean`` / ``k - k_mean`` when smoothing is on.
+    ``row_bias [B, Hq, Lq]`` and ``key_bias [B, Hq, Lk]`` (fp32, or None when zero) put the low-path
+    scores back into the frame of the high path:
+    ``S_lo[r, c] = scale * (q_lo[r] . k_lo[c] + row_bias[r] + key_bias[c])`` (``low_scores``), since
+    ``q.k = (q - q_mean).(k - k_mean) + q_mean.(k - k_mean) + q.k_mean`` exactly.
+    ``q_mean [B, Hq, 1, D]`` / ``k_mean [B, Hkv, 1, D]`` are the smoothing vectors (None when off)."""
+
+    q_lo: torch.Tensor
+    k_lo: torch.Tensor
+    v_lo: torch.Tensor
+    row_bias: Optional[torch.Tensor] = None
+    key_bias: Optional[torch.Tensor] = None
+    q_mean: Optional[torch.Tensor] = None
+    k_mean: Optional[torch.Tensor] = None
+
+
+def token_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens (dim -2) of ``x [B, H, L, D]``: fp64 sum / L, rounded to fp32;
+    ``[B, H, 1, D]`` (L == 0 gives zeros). Summation order cannot matter (fp64 sums of <= 16-bit inputs)."""
+    length = x.shape[-2]
+    if length == 0:
+        return torch.zeros(*x.shape[:-2], 1, x.shape[-1], dtype=torch.float32, device=x.device)
+    return (x.double().sum(-2, keepdim=True) / length).float()
+
+
+def _gqa_dot(x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, L, D]`` (kv or query heads) dotted with one vector per head of ``vec [B, H', 1, D]``,
+    GQA-broadcast to the query heads: ``[B, Hq, L]``, ``Hq = max(H, H')``. fp64 (products of fp32 values are
+    exact), rounded to fp32 once (kernels may sum in fp32: attention is compared with a tolerance, §4)."""
+    b, h, length, d = x.shape
+    hv = vec.shape[1]
+    xd, vd = x.double(), vec.double()[:, :, 0]
+    if hv >= h:        # key bias: one query-head vector per row of a kv head's keys
+        out = torch.einsum("bkgd,bkld->bkgl", vd.view(b, h, hv // h, d), xd)
+    else:              # row bias: one kv-head vector for the queries of its group
+        out = torch.einsum("bkgld,bkd->bkgl", xd.view(b, hv, h // hv, length, d), vd)
+    return out.reshape(b, max(h, hv), length).float()
+
+
+def any_lowpath_lever(config) -> bool:
+    """True when ``config`` turns on a low-path operand lever (``lowpath_operands`` differs from
+    ``quantize_operands``)."""
+    return bool(getattr(config, "smooth_q", False) or getattr(config, "smooth_k", False)
+                or getattr(config, "q_quant", "format") != "format")
+
+
+def lowpath_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config) -> LowPath:
+    """``quantize_operands`` plus the opt-in levers of ``config`` (a ``ThriftConfig``):
+
+    - ``smooth_k``: K is quantised as ``k - k_mean`` (``k_mean = token_mean(k)`` per (batch, kv head),
+      fp32); ``row_bias = q . k_mean`` (per query row, from the unquantised q) restores the frame. A
+      per-row constant: softmax-invariant on its own, but the high path scores with the raw k, so the
+      low blocks must get it back (without it hi and lo blocks of a row disagree by ``q . k_mean``).
+    - ``smooth_q``: Q is quantised as ``q - q_mean`` (per (batch, query head)); ``key_bias =
+      q_mean . (k - k_mean)`` (per query head and key; ``k_mean = 0`` without smooth_k) adds back the
+      per-key term. Not an invariance: the bias is exact by construction.
+    - ``q_quant="fp8"``: Q on the low path is the fp8 format's quantiser (e4m3, one fp32 scale per
+      token, ``quantize_fp8``) while K and V keep ``config.format``.
+
+    With every lever off this is ``quantize_operands`` exactly, both biases None. Non-finite inputs
+    (numerics §4b): means and biases are taken over the finite-or-zero inputs; poisoned rows of
+    q_lo / k_lo are NaN as in ``quantize_operands``."""
+    fmt, bs = config.format, config.block_size
+    smooth_q = getattr(config, "smooth_q", False)
+    smooth_k = getattr(config, "smooth_k", False)
+    q_quant = getattr(config, "q_quant", "format")
+    q_bad, kv_bad = poisoned_tokens(q, k, v)
+    qf, kf, vf = finite_or_zero(q).float(), finite_or_zero(k).float(), finite_or_zero(v).float()
+    k_mean = token_mean(kf) if smooth_k else None
+    q_mean = token_mean(qf) if smooth_q else None
+    ks = kf - k_mean if smooth_k else kf
+    qs = qf - q_mean if smooth_q else qf
+    q_fmt = "fp8" if q_quant == "fp8" else fmt
+    q_lo = poison_rows(fake_quantize(qs, q_fmt, dim=-1), q_bad)
+    k_lo = poison_rows(fake_quantize(ks, fmt, dim=-1), kv_bad)
+    v_lo = fake_quantize(vf, fmt, dim=-2, block=bs if fmt == "fp8" else None)
+    row_bias = key_bias = None
+    if smooth_k:
+        row_bias = _gqa_dot(qf, k_mean)                                              # [B, Hq, Lq]
+    if smooth_q:
+        key_bias = _gqa_dot(ks, q_mean)                                              # [B, Hq, Lk]
+    return LowPath(q_lo, k_lo, v_lo, row_bias, key_bias, q_mean, k_mean)
+
+
+def low_scores(q_lo: torch.Tensor, k_lo: torch.Tensor, scale: float, row_bias: Optional[torch.Tensor] = None,
+               key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Low-path scores of one (batch, head): ``scale * (q_lo @ k_lo.T + row_bias[:, None] + key_bias)``
+    with q_lo ``[R, D]``, k_lo ``[C, D]``, row_bias ``[R]``, key_bias ``[C]`` (None = 0), fp32."""
+    s = q_lo.float() @ k_lo.float().T
+    if row_bias is not None:
+        s = s + row_bias[:, None]
+    if key_bias is not None:
+        s = s + key_bias[None, :]
+    return s * scale

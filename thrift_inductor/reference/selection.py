@@ -154,7 +154,11 @@ def select_from_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_caus
 
     q_mean ``[B, Hq, NQB, D]``; k_mean/k_min/k_max ``[B, Hkv, NKB, D]`` (bf16, from ``block_stats``;
     unused ones may be None). Scores are fp64 sums of bf16 products (exact).
-    ``window``: only kv blocks of the band are candidates, and the budget counts band pairs."""
+    ``window``: only kv blocks of the band are candidates, and the budget counts band pairs.
+    ``config.sink_blocks`` (opt-in): kv blocks ``0 .. sink_blocks-1`` that are candidates rank before
+    every scored block (ascending), so each row's first ``min(k, #sinks)`` slots hold them.
+    ``config.head_weights`` (opt-in): head h keeps ``k_h`` blocks (``head_budgets``); the width is
+    ``max(max_h k_h, 1)``."""
     bs = config.block_size
     nqb, nkb = _cdiv(Lq, bs), _cdiv(Lk, bs)
     batch, hq = q_mean.shape[0], q_mean.shape[1]
@@ -162,18 +166,25 @@ def select_from_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_caus
     window = effective_window(window, Lq, is_causal)
     first, count = candidate_range(nqb, nkb, is_causal, bs, window, device)
     if window is None:
-        k = resolve_top_k(nkb, is_causal, config.top_k, config.fraction)
+        k_uni = resolve_top_k(nkb, is_causal, config.top_k, config.fraction)
     else:
-        k = resolve_window_top_k(count, config.top_k, config.fraction)
+        k_uni = resolve_window_top_k(count, config.top_k, config.fraction)
+    ks = head_budgets(config, hq, count, k_uni)
+    k = max(ks)
     width = max(k, 1)
-    keep = torch.clamp(count, max=k)                                                 # [NQB]
-    valid = torch.arange(width, device=device)[None, :] < keep[:, None]             # [NQB, width]
+    keep = torch.clamp(count[None, :], max=torch.tensor(ks, dtype=torch.long, device=device)[:, None])  # [Hq, NQB]
+    valid = torch.arange(width, device=device) < keep[..., None]                    # [Hq, NQB, width]
     if k == 0:
         return torch.full((batch, hq, nqb, 1), -1, dtype=torch.int32, device=device)
 
     if config.selection == "local":
         local_first = None if window is None else first
-        idx = _local_window(nqb, nkb, k, is_causal, device, local_first).expand(batch, hq, nqb, width)
+        idx = torch.full((hq, nqb, width), -1, dtype=torch.long, device=device)
+        for kh in set(ks):      # one window per budget (head_weights: heads may differ)
+            if kh:
+                heads = [h for h in range(hq) if ks[h] == kh]
+                idx[heads, :, :kh] = _local_window(nqb, nkb, kh, is_causal, device, local_first)
+        idx = idx.expand(batch, hq, nqb, width)
     else:
         ref = k_mean if config.selection == "block_mean" else k_max
         hkv = ref.shape[1]
@@ -187,6 +198,9 @@ def select_from_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_caus
             kmax = k_max.double().repeat_interleave(group, 1).transpose(-1, -2)
             kmin = k_min.double().repeat_interleave(group, 1).transpose(-1, -2)
             scores = qm.clamp(min=0) @ kmax + qm.clamp(max=0) @ kmin
+        sinks = getattr(config, "sink_blocks", 0)
+        if sinks:   # opt-in lever: the first kv blocks rank first (index order), inside the row's budget
+            scores = scores.masked_fill(torch.arange(nkb, device=device) < sinks, math.inf)
         # Stable sort on -score (ties -> lower index), then a stable partition putting candidates first.
         order = torch.sort(-scores, dim=-1, stable=True).indices
         is_cand = _in_range(torch.arange(nkb, device=device)[None, :], first, count)
@@ -194,6 +208,74 @@ def select_from_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_caus
         order = order.gather(-1, torch.sort(not_cand, dim=-1, stable=True).indices)
         idx = order[..., :width]
     return torch.where(valid, idx, -1).to(torch.int32).contiguous()
+
+
+def head_budgets(config: ThriftConfig, hq: int, counts: torch.Tensor, k_uniform: int) -> list:
+    """High-precision blocks per query block for each of the ``hq`` query heads.
+
+    Without ``config.head_weights``: ``k_uniform`` for every head. With it (opt-in calibration lever):
+    the call's pair budget ``hq * P(k_uniform)``, ``P(k) = sum_i min(k, counts_i)`` (the pairs a per-row
+    budget k selects; ``counts`` = candidates per query block, causal / non-causal / band alike), is
+    split by weight: head h's target is ``w_h * P(k_uniform)`` (weights scaled down to sum to ``hq`` if
+    they sum to more); ``k_h`` = the largest k with ``P(k) <= target``, then the pairs left over go one
+    block at a time to the heads with the largest remainder (ties -> lower head), while they fit. So the
+    calibrated call never spends more pairs than the uniform one, at any length."""
+    weights = getattr(config, "head_weights", None)
+    if weights is None:
+        return [k_uniform] * hq
+    if len(weights) != hq:
+        raise ValueError(f"head_weights has {len(weights)} entries for {hq} query heads")
+    cmax = int(counts.max()) if counts.numel() else 0
+    pairs = [int(torch.clamp(counts, max=k).sum()) for k in range(cmax + 1)]
+    unit = pairs[min(k_uniform, cmax)]
+    total = sum(weights)
+    scale = hq / total if total > hq else 1.0
+    target = [w * scale * unit for w in weights]
+    ks = [max(k for k in range(cmax + 1) if pairs[k] <= t + 1e-9) for t in target]
+    left = hq * unit - sum(pairs[k] for k in ks)
+    for h in sorted(range(hq), key=lambda h: (-(target[h] - pairs[ks[h]]), h)):
+        if ks[h] < cmax and pairs[ks[h] + 1] - pairs[ks[h]] <= left:
+            left -= pairs[ks[h] + 1] - pairs[ks[h]]
+            ks[h] += 1
+    return ks
+
+
+def allocate_head_weights(curves: dict, fraction: float, num_blocks: int, causal: bool = True) -> dict:
+    """Calibration lever (opt-in, docs/fidelity_notes.md): spend the pair budget of a uniform ``fraction``
+    where it cuts the measured error most.
+
+    ``curves``: key (e.g. ``(site, head)``) -> ``[E(0), E(1), ...]``, a head's measured error (relative
+    L2 of its output) with ``k`` high-precision blocks per query block, at ``num_blocks`` kv blocks
+    (causal: ``num_blocks`` query blocks too). Greedy on the best decrease of ``sum E^2`` per block pair,
+    looking 1-3 steps ahead (the curves are not convex), within ``len(curves) * P(k_uniform)`` pairs.
+    Returns key -> weight ``P(k_h) / P(k_uniform)`` for ``ThriftConfig.head_weights`` (``head_budgets``
+    gives back exactly these k_h at the calibration length, and the same shares at any other)."""
+    nqb = num_blocks
+    counts = candidate_counts(nqb, num_blocks, causal)
+    k_uni = resolve_top_k(num_blocks, causal, None, fraction)
+    pairs = lambda k: int(torch.clamp(counts, max=k).sum())
+    unit = pairs(k_uni)
+    budget = len(curves) * unit
+    kk = {key: 0 for key in curves}
+    while True:
+        best = None
+        for key, e in curves.items():
+            for step in (1, 2, 3):
+                k1 = kk[key] + step
+                if k1 >= len(e) or k1 > num_blocks:
+                    break
+                cost = pairs(k1) - pairs(kk[key])
+                if cost <= 0 or cost > budget:
+                    continue
+                gain = (e[kk[key]] ** 2 - e[k1] ** 2) / cost
+                if best is None or gain > best[0]:
+                    best = (gain, key, k1, cost)
+        if best is None or best[0] <= 0:
+            break
+        _, key, k1, cost = best
+        budget -= cost
+        kk[key] = k1
+    return {key: (pairs(k) / unit if unit else 0.0) for key, k in kk.items()}
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, *, is_causal: bool, config: ThriftConfig,
