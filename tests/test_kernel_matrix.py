@@ -17,7 +17,6 @@ from thrift_inductor import pipeline
 from thrift_inductor import reference as ref
 from thrift_inductor.config import ThriftConfig
 from thrift_inductor.kernels import implementations, implementations_for
-from thrift_inductor.kernels.select import BlockLists
 from thrift_inductor.kernels.triton.configs import AUTOTUNE, TritonConfig
 from thrift_inductor.problem import interpreting
 
@@ -71,9 +70,8 @@ def run_case(q, k, v, cfg, causal, *, impl="triton", launch=None, scale=None, hi
     else:
         stages = pipeline.prepare(q, k, v, is_causal=causal, config=cfg, impl=implementation)
     if hi_idx is not None:
-        bs, w = cfg.block_size, {"window": window} if window is not None else {}
-        lists = BlockLists(*(t.to(DEV) for t in ref.block_lists(hi_idx, lq, lk, bs, causal, **w)),
-                           ref.hi_block_mask(hi_idx, lq, lk, bs, causal, **w).to(torch.int8).to(DEV))
+        w = {"window": window} if window is not None else {}
+        lists = pipeline.lists_from_hi_idx(hi_idx, lq, lk, cfg.block_size, causal, DEV, **w)
         from thrift_inductor.kernels import contract
         stages.operands = contract.gather(*stages.operands[:3], stages.prepass, lists)
         stages.lists = lists
