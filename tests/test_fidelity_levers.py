@@ -350,3 +350,45 @@ def test_allocation_round_trips_at_the_calibration_length():
     with pytest.raises(ValueError, match="entries"):
         select_blocks(*qkv(hq=2, hkv=1, n=4 * BS, d=32)[:2], is_causal=True,
                       config=ThriftConfig(block_size=BS, head_weights=(1.0, 1.0, 1.0)))
+
+
+# ------------------------------------------------------------------------------------ end to end
+def test_sink_blocks_run_end_to_end():
+    """``sink_blocks`` is carried by the op, the select kernel and the lowering (the attention kernels need
+    nothing): eager API, the kernel pipeline (interpreter) and a compiled model all give the oracle's answer;
+    the other levers are still refused outside the oracle."""
+    import os
+
+    import torch.nn.functional as F
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    import thrift_inductor
+    from thrift_inductor import backend, pipeline
+    from thrift_inductor.problem import LEVER, Problem, why_not
+    from tolerances import KERNEL_BUDGET, assert_kernel_matches_oracle
+
+    q, k, v = qkv(hq=2, hkv=1, n=200, d=64, seed=7, mean=1.0)
+    cfg = ThriftConfig(format="nvfp4", fraction=0.2, sink_blocks=1, block_size=32)
+    want = thrift_attention_reference(q, k, v, is_causal=True, config=cfg)
+    assert want.ne(thrift_attention_reference(q, k, v, is_causal=True, config=cfg.replace(sink_blocks=0))).any()
+    got = thrift_inductor.attention(q, k, v, is_causal=True, enable_gqa=True, config=cfg)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        out = pipeline.run(q, k, v, scale=None, is_causal=True, config=cfg, impl_name="triton")
+        assert_kernel_matches_oracle(out, want, exact_attention(q, k, v, is_causal=True), budget=KERNEL_BUDGET)
+
+    backend.register()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), fresh_cache():
+        compiled = torch.compile(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True,
+                                                                                enable_gqa=True),
+                                 backend="thrift", options={"thrift.format": "nvfp4", "thrift.fraction": 0.2,
+                                                            "thrift.sink_blocks": 1, "thrift.block_size": 32})
+        out = compiled(q, k, v)
+    assert counters["thrift"]["rewritten"] == 1
+    torch.testing.assert_close(out, got, atol=0, rtol=0)
+    p = Problem(1, 2, 1, 200, 200, 64, torch.float32, "cpu", True, cfg.replace(smooth_q=True))
+    assert why_not(p).name == LEVER and "smooth_q" in why_not(p).message
+    assert why_not(Problem(1, 2, 1, 200, 200, 64, torch.float32, "cpu", True, cfg)) is None

@@ -191,6 +191,24 @@ def test_select_exact(selection, causal, case):
     assert_same(got, select_torch(pre, Lq, Lk, is_causal=causal, config=cfg), BlockLists._fields)
 
 
+@pytest.mark.parametrize("selection", ("block_mean", "quest"))
+@pytest.mark.parametrize("sinks", (1, 2))
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 40)])
+@pytest.mark.parametrize("case", SELECT_CASES[:4], ids=lambda c: f"{c[3]}x{c[4]}-bs{c[5]}-f{c[6]}-k{c[7]}")
+def test_select_sink_blocks_exact(selection, sinks, causal, window, case):
+    """The sink-block lever (numerics §4d) in the kernel: bit-equal to the oracle's lists, sinks first."""
+    B, Hq, Hkv, Lq, Lk, bs, fraction, top_k = case
+    if window is not None and Lq > Lk:
+        pytest.skip("window cases: Lq <= Lk")
+    pre = _stats(B, Hq, Hkv, Lq, Lk, bs)
+    cfg = ThriftConfig(selection=selection, fraction=fraction, top_k=top_k, block_size=bs, sink_blocks=sinks)
+    w = {} if window is None else {"window": window}
+    got = select(pre, Lq, Lk, is_causal=causal, config=cfg, **w)
+    assert_same(got, select_torch(pre, Lq, Lk, is_causal=causal, config=cfg, **w), BlockLists._fields)
+    if window is None and int(got.hi_cnt.min()) >= sinks:
+        assert got.hi_idx[..., :sinks].tolist() == [[[list(range(sinks))] * got.hi_idx.shape[2]] * Hq] * B
+
+
 def test_select_ties_go_to_lower_index():
     """Every score equal (zero queries): the top-k are the k lowest candidates, lo is the rest."""
     bs, Lq, Lk = 16, 64, 64

@@ -31,9 +31,11 @@ def _use_triton(t: Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-def select_config(selection: str, fraction: float, top_k: Optional[int], block_size: int) -> ThriftConfig:
+def select_config(selection: str, fraction: float, top_k: Optional[int], block_size: int,
+                  sink_blocks: int = 0) -> ThriftConfig:
     """The part of ``ThriftConfig`` that selection reads (format and p_quant do not matter to it)."""
-    return ThriftConfig(selection=selection, fraction=fraction, top_k=top_k, block_size=block_size)
+    return ThriftConfig(selection=selection, fraction=fraction, top_k=top_k, block_size=block_size,
+                        sink_blocks=sink_blocks)
 
 
 @torch.library.custom_op(PREPASS_OP, mutates_args=(),
@@ -55,15 +57,15 @@ def _prepass_fake(q, k, v, format, block_size):
 @torch.library.custom_op(SELECT_OP, mutates_args=(),
                          schema="(Tensor q_mean, Tensor k_mean, Tensor k_min, Tensor k_max, SymInt Lq, SymInt Lk, "
                                 "bool is_causal, str selection, float fraction, int? top_k, int block_size, "
-                                "SymInt? window=None) -> Tensor[]")
+                                "SymInt? window=None, int sink_blocks=0) -> Tensor[]")
 def select_op(q_mean: Tensor, k_mean: Tensor, k_min: Tensor, k_max: Tensor, Lq: int, Lk: int,
               is_causal: bool, selection: str, fraction: float, top_k: Optional[int],
-              block_size: int, window: Optional[int] = None) -> List[Tensor]:
+              block_size: int, window: Optional[int] = None, sink_blocks: int = 0) -> List[Tensor]:
     """docs/kernels.md §2 outputs, in order: hi_idx, hi_cnt, lo_idx, lo_cnt (int32), hi_map (int8).
 
     ``window``: sliding-window left context in tokens (docs/numerics.md §4a; needs is_causal), None = none;
     the lists then hold only band blocks. Output shapes do not depend on it."""
-    cfg = select_config(selection, fraction, top_k, block_size)
+    cfg = select_config(selection, fraction, top_k, block_size, sink_blocks)
     fn = _select.select_stats if _use_triton(q_mean) else _select.select_stats_torch
     return list(fn(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal=is_causal, config=cfg,
                    window=window))
@@ -82,8 +84,8 @@ def _check_window_args(window, is_causal: bool) -> None:
 
 @select_op.register_fake
 def _select_fake(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal, selection, fraction, top_k, block_size,
-                 window=None):
-    select_config(selection, fraction, top_k, block_size)       # same argument errors as the real op
+                 window=None, sink_blocks=0):
+    select_config(selection, fraction, top_k, block_size, sink_blocks)   # same argument errors as the real op
     _check_window_args(window, is_causal)
     shapes = _select.output_shapes(tuple(q_mean.shape), tuple(k_mean.shape))
     return [q_mean.new_empty(shape, dtype=dt) for shape, dt in zip(shapes.values(), _select.OUTPUT_DTYPES)]
@@ -100,5 +102,12 @@ def call_select(pre: _prepass.Prepass, Lq: int, Lk: int, *, is_causal: bool,
     ``window``: sliding-window left context (causal only), None = none."""
     out = torch.ops.thrift.select.default(pre.q_mean, pre.k_mean, pre.k_min, pre.k_max, Lq, Lk,
                                           bool(is_causal), config.selection, float(config.fraction),
-                                          config.top_k, int(config.block_size), window)
+                                          config.top_k, int(config.block_size), window,
+                                          **sink_kwargs(config))
     return _select.BlockLists(*out)
+
+
+def sink_kwargs(config: ThriftConfig) -> dict:
+    """``{"sink_blocks": n}`` when the lever is on, else nothing (graphs without it keep their old form)."""
+    n = int(getattr(config, "sink_blocks", 0))
+    return {"sink_blocks": n} if n else {}

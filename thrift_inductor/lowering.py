@@ -39,6 +39,7 @@ from torch._inductor.virtualized import V
 # whenever this module is loaded: generated code (also from an FX-graph cache hit, where no lowering
 # runs) calls them by name.
 from . import autotune_store, kernel_ops, ops  # noqa: F401
+from .ops import config_to_op_kwargs
 from .config import ThriftConfig
 from .kernels import contract
 from .problem import Problem, arch_of
@@ -247,13 +248,14 @@ def _tag(choices: list, start: int, key, cfg: Optional[dict]) -> None:
 # ---------------------------------------------------------------------------------------------------
 @register_lowering(torch.ops.thrift.attention.default, type_promotion_kind=None)
 def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, selection, block_size, p_quant,
-                           window=None):
+                           window=None, sink_blocks=0):
     cfg = ThriftConfig(format=format, fraction=fraction, top_k=top_k, selection=selection,
-                       block_size=block_size, p_quant=p_quant)
+                       block_size=block_size, p_quant=p_quant, sink_blocks=sink_blocks)
     op_kwargs = dict(scale=scale, is_causal=is_causal, format=format, fraction=fraction, top_k=top_k,
                      selection=selection, block_size=block_size, p_quant=p_quant)
     if window is not None:
         op_kwargs["window"] = window
+    op_kwargs.update(config_to_op_kwargs(cfg))
     device = q.get_device()
     dtype = q.get_dtype()
     override = _OVERRIDE.get()
@@ -316,7 +318,9 @@ def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, s
     q, k, v = (_fixed_input(x) for x in (q, k, v))
     prep = _multi_output_op(torch.ops.thrift.prepass.default, q, k, v, format, block_size)
     sel_args = (prep[6], prep[7], prep[8], prep[9], Lq, Lk, is_causal, selection, fraction, top_k, block_size)
-    sel = _multi_output_op(torch.ops.thrift.select.default, *sel_args, *(() if window is None else (window,)))
+    # trailing optional args only when set: graphs without them keep their old form
+    tail = (window, cfg.sink_blocks) if cfg.sink_blocks else (() if window is None else (window,))
+    sel = _multi_output_op(torch.ops.thrift.select.default, *sel_args, *tail)
     from .kernels.prepass import Prepass
     from .kernels.select import BlockLists
     nodes = {"input": {"q": q, "k": k, "v": v}, "prepass": dict(zip(Prepass._fields, prep)),

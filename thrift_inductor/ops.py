@@ -27,7 +27,7 @@ log = logging.getLogger("thrift_inductor")
 OP_NAME = "thrift::attention"
 # Explicit schema: inferred annotations would make the ints SymInt, and these are config constants.
 OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float? scale, bool is_causal, str format, float fraction, "
-             "int? top_k, str selection, int block_size, str p_quant, int? window=None) -> Tensor")
+             "int? top_k, str selection, int block_size, str p_quant, int? window=None, int sink_blocks=0) -> Tensor")
 
 
 def config_to_op_args(cfg: ThriftConfig) -> tuple:
@@ -35,10 +35,17 @@ def config_to_op_args(cfg: ThriftConfig) -> tuple:
     return (cfg.format, float(cfg.fraction), cfg.top_k, cfg.selection, int(cfg.block_size), cfg.p_quant)
 
 
+def config_to_op_kwargs(cfg: ThriftConfig) -> dict:
+    """Keyword op arguments of the opt-in levers the op carries (``sink_blocks``), only when on: a graph
+    without them keeps its old form (and its cache keys)."""
+    n = int(getattr(cfg, "sink_blocks", 0))
+    return {"sink_blocks": n} if n else {}
+
+
 def config_from_op_args(format: str, fraction: float, top_k: Optional[int], selection: str,
-                        block_size: int, p_quant: str) -> ThriftConfig:
+                        block_size: int, p_quant: str, sink_blocks: int = 0) -> ThriftConfig:
     return ThriftConfig(format=format, fraction=fraction, top_k=top_k, selection=selection,
-                        block_size=block_size, p_quant=p_quant)
+                        block_size=block_size, p_quant=p_quant, sink_blocks=sink_blocks)
 
 
 def _reference(q, k, v, scale, is_causal, cfg, window=None):
@@ -59,15 +66,15 @@ def _kernels(q, k, v, scale, is_causal, cfg, window=None):
 @torch.library.custom_op(OP_NAME, mutates_args=(), schema=OP_SCHEMA)
 def thrift_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], is_causal: bool,
                      format: str, fraction: float, top_k: Optional[int], selection: str,
-                     block_size: int, p_quant: str, window: Optional[int] = None) -> Tensor:
+                     block_size: int, p_quant: str, window: Optional[int] = None, sink_blocks: int = 0) -> Tensor:
     """ThriftAttention forward. q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (GQA when Hq % Hkv == 0)."""
-    cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant)
+    cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant, sink_blocks)
     return _reference(q, k, v, scale, is_causal, cfg, window)
 
 
 @thrift_attention.register_fake
 def _thrift_attention_fake(q, k, v, scale, is_causal, format, fraction, top_k, selection,
-                           block_size, p_quant, window=None):
+                           block_size, p_quant, window=None, sink_blocks=0):
     # Also the Meta kernel, which the dispatcher picks for mixed cpu/meta inputs: without this check a
     # device mismatch would return an uninitialised tensor instead of an error (and tracing would pass).
     if not (q.device == k.device == v.device):
@@ -79,8 +86,8 @@ def _thrift_attention_fake(q, k, v, scale, is_causal, format, fraction, top_k, s
 
 @thrift_attention.register_kernel("cuda")
 def _thrift_attention_cuda(q, k, v, scale, is_causal, format, fraction, top_k, selection,
-                           block_size, p_quant, window=None):
-    cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant)
+                           block_size, p_quant, window=None, sink_blocks=0):
+    cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant, sink_blocks)
     return _kernels(q, k, v, scale, is_causal, cfg, window)
 
 
@@ -89,4 +96,5 @@ def call_op(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float], is_causa
     """Call ``torch.ops.thrift.attention`` with ``config`` spelled out as op arguments."""
     extra = {} if window is None else {"window": int(window)}
     return torch.ops.thrift.attention.default(q, k, v, None if scale is None else float(scale),
-                                              bool(is_causal), *config_to_op_args(config), **extra)
+                                              bool(is_causal), *config_to_op_args(config), **extra,
+                                              **config_to_op_kwargs(config))

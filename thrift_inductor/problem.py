@@ -49,6 +49,8 @@ DEVICE = "device"              # q, k, v on different devices
 WINDOW = "window"              # a sliding window the implementations cannot take
 NO_KERNEL = "no_kernel"        # semantically fine, but no kernel implementation takes it on this device
 LEVER = "lever"                # an opt-in fidelity lever (ThriftConfig.levers()) only the oracle defines yet
+# Levers the op, the select kernel and the lowering carry end to end (the attention kernels need nothing).
+OP_LEVERS = ("sink_blocks",)
 
 
 def interpreting() -> bool:
@@ -155,7 +157,7 @@ def lever_why_not(p: Problem) -> Optional[Reason]:
     oracle (reference.quant.lowpath_operands, reference.selection) only: the op's arguments, the prepass
     and the kernels do not carry them yet, so every path that runs the op refuses them (on every device:
     the op would otherwise drop them silently)."""
-    levers = p.config.levers()
+    levers = {k: v for k, v in p.config.levers().items() if k not in OP_LEVERS}
     if not levers:
         return None
     named = ", ".join(f"{k}={v!r}" for k, v in levers.items())

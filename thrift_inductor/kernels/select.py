@@ -11,6 +11,7 @@ Numerics (docs/numerics.md §3), exact with ``reference.select_from_stats`` + ``
   the sum: summation order does not matter and FMA contraction changes nothing.
 - local: the data-independent window of reference spec §3.5 (no scores), ascending.
 - candidates: causal ``j <= min(i, NKB - 1)`` (top-left alignment), else all NKB blocks.
+- ``sink_blocks`` (opt-in lever, numerics §4d): candidates ``j < sink_blocks`` rank first, ascending.
 - sliding window (docs/numerics.md §4a; causal only): ``window=W`` keeps the band ``first_i <= j <= min(i, NKB-1)``
   with ``first_i = max(0, i*bs - W + 1) // bs``; the budget k comes from ``resolve_window_top_k`` over the band's
   candidate counts (host side, cached per shape); local = the diagonal block and the k-1 before it, not before
@@ -63,12 +64,13 @@ def output_shapes(q_mean_shape, k_mean_shape) -> dict:
             "lo_idx": (B, Hq, nqb, nkb), "lo_cnt": (B, Hq, nqb), "hi_map": (B, Hq, nqb, nkb)}
 
 
-@triton.jit(do_not_specialize=["WINDOW"])
+@triton.jit(do_not_specialize=["WINDOW", "SINKS"])
 def _select_kernel(
     QM, KM, KMIN, KMAX,                # q_mean [B, Hq, NQB, D]; k stats [B, Hkv, NKB, D] (bf16, contiguous)
     HI, HI_CNT, LO, LO_CNT, HI_MAP,    # outputs, contiguous
     Hq, NQB, NKB, TOP_K,               # TOP_K: resolved on the host (resolve_top_k / resolve_window_top_k)
     WINDOW, BLOCK_SIZE,                # WINDOW: left context in tokens, 0 = none (causal only); BLOCK_SIZE: bs
+    SINKS,                             # ThriftConfig.sink_blocks: candidates j < SINKS rank first (ascending)
     SELECTION: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA_GROUP: tl.constexpr,
     D: tl.constexpr, KV_CHUNK: tl.constexpr, BLOCK_KV: tl.constexpr,
 ):
@@ -127,6 +129,8 @@ def _select_kernel(
             score2 = tl.where((chunk_ids == c)[:, None], s[None, :], score2)
         score = tl.reshape(score2, (BLOCK_KV,))
         score = tl.where(cand, score, float("-inf"))
+        # sink blocks (opt-in lever): +inf ranks them before every scored block, ties -> lower index
+        score = tl.where(cand & (offs < SINKS), float("inf"), score)
         selected = offs < 0
         # k argmax passes; every pass finds a finite candidate score because n_hi <= n_cand.
         for t in range(n_hi):
@@ -219,7 +223,7 @@ def select_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_causal: b
     kv_chunk = max(1, min(block_kv, chunk_elems // D))
     _select_kernel[(nqb, B * Hq)](
         q_mean.contiguous(), k_mean.contiguous(), k_min.contiguous(), k_max.contiguous(), *out,
-        Hq, nqb, nkb, top_k, 0 if window is None else window, bs,
+        Hq, nqb, nkb, top_k, 0 if window is None else window, bs, int(getattr(config, "sink_blocks", 0)),
         SELECTION=SELECTION_CODES[config.selection], IS_CAUSAL=bool(is_causal),
         GQA_GROUP=Hq // k_mean.shape[1], D=D, KV_CHUNK=kv_chunk, BLOCK_KV=block_kv,
         num_warps=_NUM_WARPS)

@@ -28,7 +28,7 @@ from torch._inductor.pattern_matcher import Match, PatternMatcherPass, fwd_only,
 from torch.fx import Node
 
 from ..config import ThriftConfig
-from ..ops import config_to_op_args
+from ..ops import config_to_op_args, config_to_op_kwargs
 from . import eligibility as E
 from .gqa import unrepeat_pair
 from .sdpa import decode_reason, mask_decision
@@ -94,7 +94,8 @@ def _replacement(query, key, value, *_unused):
     state = _ACTIVE.get()
     window = {} if state.window is None else {"window": state.window}
     return torch.ops.thrift.attention.default(query, key, value, state.scale, state.is_causal,
-                                              *config_to_op_args(state.cfg), **window)
+                                              *config_to_op_args(state.cfg), **window,
+                                              **config_to_op_kwargs(state.cfg))
 
 
 # name -> (search fn, scale is a divisor, has mask)
