@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import ThriftConfig
+from .ops import config_to_op_kwargs
 from .kernels import prepass as _prepass
 from .kernels import select as _select
 
@@ -103,11 +104,5 @@ def call_select(pre: _prepass.Prepass, Lq: int, Lk: int, *, is_causal: bool,
     out = torch.ops.thrift.select.default(pre.q_mean, pre.k_mean, pre.k_min, pre.k_max, Lq, Lk,
                                           bool(is_causal), config.selection, float(config.fraction),
                                           config.top_k, int(config.block_size), window,
-                                          **sink_kwargs(config))
+                                          **config_to_op_kwargs(config))    # the same lever arguments
     return _select.BlockLists(*out)
-
-
-def sink_kwargs(config: ThriftConfig) -> dict:
-    """``{"sink_blocks": n}`` when the lever is on, else nothing (graphs without it keep their old form)."""
-    n = int(getattr(config, "sink_blocks", 0))
-    return {"sink_blocks": n} if n else {}
