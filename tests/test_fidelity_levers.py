@@ -106,11 +106,14 @@ def test_fp8_format_q_quant_is_canonical():
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"], ids=["cpu-problem", "cuda-problem"])   # no GPU needed
 def test_predicate_refuses_levers_until_the_op_carries_them(device):
-    for kw in LEVER_SETS + [dict(sink_blocks=1), dict(head_weights=(1.0,) * 8)]:
-        p = Problem(1, 8, 2, 1024, 1024, 64, torch.bfloat16, device, True, ThriftConfig(**kw), None,
-                    "sm90" if device == "cuda" else "cpu")
+    arch = "sm90" if device == "cuda" else "cpu"
+    for kw in LEVER_SETS + [dict(head_weights=(1.0,) * 8)]:
+        p = Problem(1, 8, 2, 1024, 1024, 64, torch.bfloat16, device, True, ThriftConfig(**kw), None, arch)
         reason = why_not(p)
         assert reason is not None and reason.name == LEVER and next(iter(kw)) in reason.message
+    # sink_blocks is carried end to end (op argument, select kernel, lowering): accepted
+    p = Problem(1, 8, 2, 1024, 1024, 64, torch.bfloat16, device, True, ThriftConfig(sink_blocks=1), None, arch)
+    assert why_not(p) is None
     if device == "cpu":
         assert why_not(Problem(1, 8, 2, 1024, 1024, 64, torch.bfloat16, "cpu", True, ThriftConfig(), None)) is None
 
