@@ -21,13 +21,12 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from gloo_ranks import launch_ranks
 
 from thrift_inductor.config import ThriftConfig
 from thrift_inductor.distributed import (
@@ -186,39 +185,8 @@ def _skip_reason():
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out_dir: pathlib.Path) -> float:
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
-                                          os.environ.get("PYTHONPATH", "")])}
-    port = _free_port()
-    start = time.monotonic()
-    procs = {rank: subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(out_dir)],
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(MAX_WORLD)}
-    failed = []
-    try:
-        for rank, p in procs.items():
-            left = max(1.0, TIMEOUT_S - (time.monotonic() - start))
-            try:
-                log = p.communicate(timeout=left)[0]
-            except subprocess.TimeoutExpired:
-                failed.append(f"rank {rank}: timed out after {TIMEOUT_S} s")
-                break
-            if p.returncode != 0:
-                failed.append(f"rank {rank}: exit {p.returncode}\n{log[-4000:]}")
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert not failed, "\n".join(failed)
-    return time.monotonic() - start
+    return launch_ranks(__file__, MAX_WORLD, out_dir, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,13 @@ unsharded), loopback only, bounded by ``TIMEOUT_S``; ~35 s on 2 idle cores.
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import socket
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from gloo_ranks import launch_ranks
 
 WORLD = 2
 LAYERS = 2
@@ -135,39 +133,8 @@ def _skip_reason():
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out_dir: pathlib.Path) -> float:
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
-                                          os.environ.get("PYTHONPATH", "")])}
-    port = _free_port()
-    start = time.monotonic()
-    procs = {rank: subprocess.Popen([sys.executable, __file__, str(rank), str(port), str(out_dir)], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(WORLD)}
-    logs, failed = {}, []
-    try:
-        for rank, p in procs.items():
-            left = max(1.0, TIMEOUT_S - (time.monotonic() - start))
-            try:
-                logs[rank] = p.communicate(timeout=left)[0]
-            except subprocess.TimeoutExpired:
-                failed.append(f"rank {rank}: timed out after {TIMEOUT_S} s")
-                break
-            if p.returncode != 0:
-                failed.append(f"rank {rank}: exit {p.returncode}\n{logs[rank][-4000:]}")
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert not failed, "\n".join(failed)
-    return time.monotonic() - start
+    return launch_ranks(__file__, WORLD, out_dir, TIMEOUT_S, env_extra={"TORCHINDUCTOR_COMPILE_THREADS": "1"})
 
 
 def _assert_equal_up_to_reduction_order(out, ref, fraction: float, what: str) -> None:
