@@ -130,13 +130,15 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if not LOW:
         # The high path reads the raw inputs. A poisoned key token (a NaN / inf in its k or v; the prepass
-        # flags it with a NaN scale slot) loads k as NaN, so its scores are NaN (the masks below hide them
-        # from rows that do not see it), and v as 0, so P.V never forms 0 * NaN (numerics "Non-finite").
+        # flags it with a NaN scale slot) loads k and v as 0 and gets a NaN score column (flag * 0 added),
+        # which the masks below hide from rows that do not see it; P.V never forms 0 * NaN (numerics §4b).
+        # (k as a NaN `other` costs a register-side select of the k tile; the mask on the loads chains
+        # index -> flag -> k/v loads, which the pipeliner stages only with hi_stages >= 5 on sm_90.)
         n_ok = offs_n < Lk
         flag = tl.load(ks_base + offs_n * stride_ksn, mask=n_ok, other=1.0)
         tok_ok = n_ok & (flag == flag)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=tok_ok[:, None], other=float("nan"))
+                    mask=tok_ok[:, None], other=0.0)
     elif MASKED:
         n_ok = offs_n < Lk
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -144,6 +146,8 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_
     else:
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
     qk = _dot(q, tl.trans(k), HIGH_IEEE, P_EXACT_ROUND, FP8_ACC_PROMOTE)
+    if not LOW:
+        qk = qk + (flag * 0.0)[None, :]
     if LOW and FORMAT == _FP8:
         # fp8: raw = (q8 . k8) * sq * sk; the column scale is one multiply, the row scale sits in q_rowc.
         # (Loading k_sc / v_sc before the dots was measured on the H200: no gain at d128, -20% at d64.)
