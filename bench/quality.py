@@ -9,7 +9,13 @@ Results are long-format CSVs; ``bench/quality_report.py`` turns them into tables
 
     python bench/quality.py prepare                 # CPU: text + tokenizer -> .model/quality_inputs.npz
     python bench/quality.py run --out bench/results # the sweep (GPU: minutes; CPU: use --preset smoke)
+    python bench/quality.py run --levers "sink_blocks=1;sink_blocks=1,q_quant=fp8,smooth_q=1"
     python bench/quality.py report --out bench/results
+
+``--levers``: ``;``-separated sets of opt-in fidelity levers (ThriftConfig fields, docs/numerics.md §4d); each
+set adds a thrift variant with those ``thrift.<lever>`` options beside every planned format / fraction (the
+default selection), named ``<plain name>+<lever>=<value>,...`` (e.g. ``nvfp4/f0.05/block_mean+sink_blocks=1``).
+Recovery stays relative to the paper's plain format at fraction 0 (``nvfp4/f0``), a fixed denominator.
 
 Runs resume: a variant whose rows are already in the CSV is skipped (``--budget-s`` stops cleanly).
 """
@@ -35,7 +41,7 @@ for p in (str(REPO), str(HERE)):
 
 import quality_data as qd                                   # noqa: E402
 from quality_layers import layer_errors                     # noqa: E402
-from thrift_inductor.config import ThriftConfig             # noqa: E402
+from thrift_inductor.config import LEVER_DEFAULTS, ThriftConfig   # noqa: E402
 
 FORMATS = ("nvfp4", "mxfp4", "fp8")
 SELECTIONS = ("block_mean", "quest", "local")
@@ -61,34 +67,99 @@ class Variant:
     fraction: float = float("nan")
     selection: str = ""
     p_quant: str = "block"
+    levers: tuple = ()              # ((ThriftConfig lever field, value), ...) in LEVER_DEFAULTS order
 
     @property
     def name(self) -> str:
         if self.kind != "thrift":
             return self.kind
-        if self.fraction == 0:
-            return f"{self.format}/f0"
-        return f"{self.format}/f{self.fraction:g}/{self.selection}"
+        base = f"{self.format}/f0" if self.fraction == 0 else f"{self.format}/f{self.fraction:g}/{self.selection}"
+        return base + (f"+{levers_text(self.levers)}" if self.levers else "")
 
     def options(self) -> dict:
         return {"thrift.format": self.format, "thrift.fraction": self.fraction,
-                "thrift.selection": self.selection or "block_mean", "thrift.p_quant": self.p_quant}
+                "thrift.selection": self.selection or "block_mean", "thrift.p_quant": self.p_quant,
+                **{f"thrift.{k}": v for k, v in self.levers}}
 
     def config(self) -> ThriftConfig:
         return ThriftConfig(format=self.format, fraction=self.fraction, selection=self.selection or "block_mean",
-                            p_quant=self.p_quant)
+                            p_quant=self.p_quant, **dict(self.levers))
 
 
-def thrift(fmt: str, fraction: float, selection: str = "block_mean", p_quant: str = "block") -> Variant:
-    return Variant("thrift", fmt, float(fraction), "" if fraction == 0 else selection, p_quant)
+def thrift(fmt: str, fraction: float, selection: str = "block_mean", p_quant: str = "block",
+           levers: tuple = ()) -> Variant:
+    return Variant("thrift", fmt, float(fraction), "" if fraction == 0 else selection, p_quant, levers)
 
 
-def variant_plan(preset: str, formats=FORMATS, p_quant: str = "block") -> list[Variant]:
+# ------------------------------------------------------------------------------------------------
+# Lever sets (--levers): "sink_blocks=1;sink_blocks=1,q_quant=fp8,smooth_q=1"
+# ------------------------------------------------------------------------------------------------
+SELECTION_LEVERS = ("sink_blocks", "head_weights")     # no effect at fraction 0 (no high-precision pair)
+
+
+def _lever_value(name: str, text: str):
+    """A lever value from its text, typed like the ThriftConfig default (bools take 1/0/true/false)."""
+    default = LEVER_DEFAULTS[name]
+    if isinstance(default, bool):
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"lever {name} takes 1/0 (true/false), got {text!r}")
+        return text.lower() in ("1", "true", "yes")
+    if isinstance(default, int):
+        return int(text)
+    if default is None:
+        raise ValueError(f"lever {name} is not selectable from the command line (a calibration artifact)")
+    return text
+
+
+def parse_levers(spec: str) -> list[tuple]:
+    """``"a=1,b=x;c=1"`` -> lever sets, each a tuple of (field, value) in LEVER_DEFAULTS order; clear errors
+    for unknown fields or values (ThriftConfig checks them)."""
+    sets = []
+    for part in (p.strip() for p in (spec or "").split(";")):
+        if not part:
+            continue
+        kv = {}
+        for item in (i.strip() for i in part.split(",") if i.strip()):
+            name, sep, text = item.partition("=")
+            name = name.strip().removeprefix("thrift.")
+            if not sep or name not in LEVER_DEFAULTS:
+                raise ValueError(f"--levers: expected <lever>=<value> with a lever in {tuple(LEVER_DEFAULTS)}, "
+                                 f"got {item!r}")
+            kv[name] = _lever_value(name, text.strip())
+        ThriftConfig(**kv)                               # bad values fail here, before any compile
+        sets.append(tuple((k, kv[k]) for k in LEVER_DEFAULTS if k in kv))
+    return sets
+
+
+def levers_text(levers: tuple) -> str:
+    """Canonical text of a lever set for variant names (bools as 1/0)."""
+    return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in levers)
+
+
+def with_levers(v: Variant, levers: tuple) -> Optional[Variant]:
+    """``v`` with a lever set, or None where the set changes nothing for it: levers at their default for
+    this format (q_quant=fp8 is the fp8 format's own Q) or, at fraction 0, selection-only levers."""
+    cfg = ThriftConfig(format=v.format, fraction=v.fraction, **dict(levers))
+    effective = tuple((k, val) for k, val in levers if k in cfg.levers())
+    if v.fraction == 0:
+        effective = tuple((k, val) for k, val in effective if k not in SELECTION_LEVERS)
+    return dataclasses.replace(v, levers=effective) if effective else None
+
+
+def variant_plan(preset: str, formats=FORMATS, p_quant: str = "block", lever_sets=()) -> list[Variant]:
     """Most important first, so a run cut short by its budget still has the headline numbers. Only
-    ``formats``; ``p_quant`` for every thrift variant (one p_quant per run and tag: names omit it)."""
-    plan = _full_plan(preset)
-    return [v if v.kind != "thrift" else dataclasses.replace(v, p_quant=p_quant)
-            for v in plan if v.kind != "thrift" or v.format in formats]
+    ``formats``; ``p_quant`` for every thrift variant (one p_quant per run and tag: names omit it). Each
+    lever set adds, right after every plain thrift variant of the default selection, that variant with the
+    levers (``with_levers``)."""
+    plan = []
+    for v in _full_plan(preset):
+        if v.kind == "thrift" and v.format not in formats:
+            continue
+        v = v if v.kind != "thrift" else dataclasses.replace(v, p_quant=p_quant)
+        plan.append(v)
+        if v.kind == "thrift" and v.selection in ("", "block_mean"):
+            plan += [lv for lv in (with_levers(v, s) for s in lever_sets) if lv is not None]
+    return list(dict.fromkeys(plan))
 
 
 def _full_plan(preset: str) -> list[Variant]:
@@ -336,6 +407,7 @@ def cmd_run(args) -> None:
 def sweep(model, model_name: str, tokens, probes, args, device, t_start: Optional[float] = None) -> None:
     """Score the exact model and then every planned variant; append to the CSVs under ``args.out``."""
     t_start = time.perf_counter() if t_start is None else t_start
+    lever_sets = parse_levers(args.levers)          # bad lever text fails before anything runs
     out = Path(args.out)
     rope = qd.RopeSwitch(model, args.native_context)
     win_t = Table(out / f"{args.tag}_windows.csv", WINDOW_FIELDS)
@@ -352,6 +424,7 @@ def sweep(model, model_name: str, tokens, probes, args, device, t_start: Optiona
         name, ids = qd.windows(tokens, args.layer_context, 1)[0]
         lvars = [thrift(f, fr, p_quant=args.p_quant) for f in args.formats.split(",")
                  for fr in (0.0, HEADLINE_FRACTION)]
+        lvars += list(dict.fromkeys(lv for v in lvars for lv in (with_levers(v, s) for s in lever_sets) if lv))
         try:
             rows = layer_errors(model, torch.as_tensor(ids, dtype=torch.long, device=device)[None], lvars)
             lay_t.add([dict(context=args.layer_context, rope_factor=rope.factor, **r) for r in rows])
@@ -373,7 +446,7 @@ def sweep(model, model_name: str, tokens, probes, args, device, t_start: Optiona
         var_t.add([dict(variant="exact", status="done", **env)])
 
     last = None
-    for variant in variant_plan(args.preset, tuple(args.formats.split(",")), args.p_quant):
+    for variant in variant_plan(args.preset, tuple(args.formats.split(",")), args.p_quant, lever_sets):
         if variant.name in done:
             continue
         elapsed = time.perf_counter() - t_start
@@ -429,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--formats", default=",".join(FORMATS))
     r.add_argument("--p-quant", choices=("block", "microblock"), default="block",
                    help="P quantisation of every thrift variant (microblock: FP4 formats only)")
+    r.add_argument("--levers", default="",
+                   help='";"-separated lever sets, e.g. "sink_blocks=1;sink_blocks=1,q_quant=fp8,smooth_q=1": each '
+                        "adds thrift variants with those thrift.<lever> options (docs/numerics.md §4d)")
     r.add_argument("--compile", choices=("regional", "whole"), default="regional",
                    help="torch.compile each decoder layer (fast) or the whole model")
     r.add_argument("--budget-s", type=float, default=float("inf"))

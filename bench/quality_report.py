@@ -65,10 +65,17 @@ def recovery(low: dict, thr: dict) -> tuple[float, float, bool]:
 
 
 def parse_variant(name: str) -> tuple[str, float, str]:
-    parts = name.split("/")
+    """``(format, fraction, selection)`` of a variant name; a lever suffix (``+sink_blocks=1,...``, see
+    ``variant_levers``) is not part of them."""
+    parts = name.partition("+")[0].split("/")
     if len(parts) == 1:
         return name, float("nan"), ""
     return parts[0], float(parts[1][1:]), parts[2] if len(parts) > 2 else ""
+
+
+def variant_levers(name: str) -> str:
+    """The lever suffix of a variant name (bench/quality.py ``--levers``), '' for the paper's numerics."""
+    return name.partition("+")[2]
 
 
 def _fmt(x, digits=4, signed=False) -> str:
@@ -138,7 +145,8 @@ def build(out: Path, tag: str) -> str:
             t, _ = mean_se(top1[(ctx, name)].values())
             fmt, frac, _ = parse_variant(name)
             rec = rec_kl = "–"
-            if frac > 0 and (ctx, f"{fmt}/f0") in dnll:
+            # the fixed denominator: the paper's plain format at fraction 0 (also for lever variants)
+            if name != f"{fmt}/f0" and (frac > 0 or variant_levers(name)) and (ctx, f"{fmt}/f0") in dnll:
                 r, rse, ok = recovery(dnll[(ctx, f"{fmt}/f0")], dnll[(ctx, name)])
                 rec = f"{100 * r:.1f}% ± {100 * rse:.1f}" if ok else "–"
                 rk, rkse, _ = recovery(kl[(ctx, f"{fmt}/f0")], kl[(ctx, name)])
@@ -161,6 +169,20 @@ def build(out: Path, tag: str) -> str:
                 r, rse, ok = recovery(low, thr)
                 cells.append(f"{100 * r:.1f}% ± {100 * rse:.1f}" if ok else "gap < 5 SE")
             lines.append(f"| {fmt} | {sel} | " + " | ".join(cells) + " |")
+    # opt-in fidelity levers (bench/quality.py --levers): same fixed denominator, the plain format at f0
+    for name in names:
+        fmt, frac, sel = parse_variant(name)
+        if not variant_levers(name) or frac != HEADLINE_FRACTION:
+            continue
+        cells = []
+        for ctx in contexts:
+            low, thr = dnll.get((ctx, f"{fmt}/f0")), dnll.get((ctx, name))
+            if not low or not thr:
+                cells.append("n/a")
+                continue
+            r, rse, ok = recovery(low, thr)
+            cells.append(f"{100 * r:.1f}% ± {100 * rse:.1f}" if ok else "gap < 5 SE")
+        lines.append(f"| {fmt} | {sel} + {variant_levers(name)} | " + " | ".join(cells) + " |")
     lines.append("")
 
     # 3. position buckets at the longest context
@@ -176,7 +198,7 @@ def build(out: Path, tag: str) -> str:
     for name in names:
         fmt, frac, sel = parse_variant(name)
         if name == "exact" or not (frac == 0 or (frac == HEADLINE_FRACTION and sel == "block_mean")):
-            continue
+            continue     # (lever variants at those points too: one row each)
         lines.append(f"| {name} | " + " | ".join(_fmt(float(np.mean(by[(name, b)])), signed=True)
                                                  if by[(name, b)] else "–" for b in buckets) + " |")
     lines.append("")
@@ -289,7 +311,7 @@ def plots(out: Path, tag: str) -> list[Path]:
         out = []
         for n in names:
             f, frac, s = parse_variant(n)
-            if f == fmt and s == sel and frac > 0:
+            if f == fmt and s == sel and frac > 0 and not variant_levers(n):
                 out += resolved(100 * frac, (ctx, f"{fmt}/f0"), (ctx, n))
         return sorted(out)
 

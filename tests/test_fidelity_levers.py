@@ -25,7 +25,7 @@ from thrift_inductor.reference import (
 from thrift_inductor.reference import attention as ref_attention
 from thrift_inductor.reference.quant import lowpath_operands, low_scores, token_mean
 
-from tolerances import SDPA_FP32_ATOL, SDPA_FP32_RTOL
+from tolerances import FP32_REORDER_FLOOR, SDPA_FP32_ATOL, SDPA_FP32_RTOL
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
@@ -105,17 +105,18 @@ def test_fp8_format_q_quant_is_canonical():
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"], ids=["cpu-problem", "cuda-problem"])   # no GPU needed
-def test_predicate_refuses_levers_until_the_op_carries_them(device):
+def test_predicate_refuses_only_the_levers_no_kernel_carries(device):
+    """sink_blocks, q_quant and smooth_q run end to end (op arguments, prepass / select kernels, the portable
+    attention kernel, the lowering); smooth_k and head_weights exist in the oracle only."""
     arch = "sm90" if device == "cuda" else "cpu"
-    for kw in LEVER_SETS + [dict(head_weights=(1.0,) * 8)]:
-        p = Problem(1, 8, 2, 1024, 1024, 64, torch.bfloat16, device, True, ThriftConfig(**kw), None, arch)
-        reason = why_not(p)
+    problem = lambda cfg: Problem(1, 8, 2, 1024, 1024, 64, torch.bfloat16, device, True, cfg, None, arch)  # noqa: E731
+    for kw in [dict(smooth_k=True), dict(smooth_k=True, smooth_q=True, q_quant="fp8"), dict(head_weights=(1.0,) * 8)]:
+        reason = why_not(problem(ThriftConfig(**kw)))
         assert reason is not None and reason.name == LEVER and next(iter(kw)) in reason.message
-    # sink_blocks is carried end to end (op argument, select kernel, lowering): accepted
-    p = Problem(1, 8, 2, 1024, 1024, 64, torch.bfloat16, device, True, ThriftConfig(sink_blocks=1), None, arch)
-    assert why_not(p) is None
-    if device == "cpu":
-        assert why_not(Problem(1, 8, 2, 1024, 1024, 64, torch.bfloat16, "cpu", True, ThriftConfig(), None)) is None
+        assert "smooth_q" not in reason.message and "q_quant" not in reason.message
+    for kw in [dict(sink_blocks=1), dict(q_quant="fp8"), dict(smooth_q=True),
+               dict(smooth_q=True, q_quant="fp8", sink_blocks=1), dict(format="fp8", smooth_q=True), {}]:
+        assert why_not(problem(ThriftConfig(**kw))) is None, kw
 
 
 def test_eager_api_raises_with_the_lever_reason():
@@ -359,7 +360,7 @@ def test_allocation_round_trips_at_the_calibration_length():
 def test_sink_blocks_run_end_to_end():
     """``sink_blocks`` is carried by the op, the select kernel and the lowering (the attention kernels need
     nothing): eager API, the kernel pipeline (interpreter) and a compiled model all give the oracle's answer;
-    the other levers are still refused outside the oracle."""
+    smooth_k is still refused outside the oracle."""
     import os
 
     import torch.nn.functional as F
@@ -392,6 +393,106 @@ def test_sink_blocks_run_end_to_end():
         out = compiled(q, k, v)
     assert counters["thrift"]["rewritten"] == 1
     torch.testing.assert_close(out, got, atol=0, rtol=0)
-    p = Problem(1, 2, 1, 200, 200, 64, torch.float32, "cpu", True, cfg.replace(smooth_q=True))
-    assert why_not(p).name == LEVER and "smooth_q" in why_not(p).message
+    p = Problem(1, 2, 1, 200, 200, 64, torch.float32, "cpu", True, cfg.replace(smooth_k=True))
+    assert why_not(p).name == LEVER and "smooth_k" in why_not(p).message
     assert why_not(Problem(1, 2, 1, 200, 200, 64, torch.float32, "cpu", True, cfg)) is None
+
+
+def test_low_path_levers_run_end_to_end():
+    """q_quant="fp8" and smooth_q are op arguments (only when on: the default op call and graph keep their
+    form), the eager API runs them (the CPU op is the oracle), the kernel pipeline equals the oracle."""
+    import os
+
+    from thrift_inductor import pipeline
+    from thrift_inductor.ops import config_to_op_kwargs
+    from tolerances import assert_kernel_matches_oracle
+
+    import thrift_inductor
+    assert config_to_op_kwargs(ThriftConfig()) == {} and config_to_op_kwargs(ThriftConfig(format="fp8",
+                                                                                          q_quant="fp8")) == {}
+    cfg = ThriftConfig(format="nvfp4", fraction=0.2, block_size=32, q_quant="fp8", smooth_q=True, sink_blocks=1)
+    assert config_to_op_kwargs(cfg) == {"sink_blocks": 1, "q_quant": "fp8", "smooth_q": True}
+    q, k, v = qkv(hq=2, hkv=1, n=150, d=64, seed=8, mean=1.0)
+    want = thrift_attention_reference(q, k, v, is_causal=True, config=cfg)
+    got = thrift_inductor.attention(q, k, v, is_causal=True, enable_gqa=True, config=cfg)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not torch.equal(want, thrift_attention_reference(q, k, v, is_causal=True,
+                                                            config=cfg.replace(q_quant="format", smooth_q=False)))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        out = pipeline.run(q, k, v, scale=None, is_causal=True, config=cfg, impl_name="triton")
+        assert_kernel_matches_oracle(out, want, exact_attention(q, k, v, is_causal=True), budget=0.0)
+
+
+def test_levers_are_part_of_the_graph_and_its_cache_identity():
+    """The rewrite pass writes the levers into the op node (kwargs only when on) and its uuid (the FX graph
+    cache key) sees them; a default config's node has no lever keyword at all."""
+    from torch._subclasses import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from thrift_inductor.passes import ThriftAttentionPass, clear_sites
+    from thrift_inductor.passes.sdpa import rewrite_sdpa_ops
+
+    def node_kwargs(cfg):
+        with FakeTensorMode():
+            args = [torch.empty(1, 4, 128, 64) for _ in range(3)]
+            graph = make_fx(lambda q, k, v: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, True)[0], tracing_mode="fake")(*args).graph
+        clear_sites()
+        assert rewrite_sdpa_ops(graph, cfg, graph_id=0) == 1
+        (node,) = [n for n in graph.nodes if n.target is torch.ops.thrift.attention.default]
+        return dict(node.kwargs)
+
+    assert node_kwargs(ThriftConfig()) == {}
+    assert node_kwargs(ThriftConfig(smooth_q=True, q_quant="fp8")) == {"q_quant": "fp8", "smooth_q": True}
+    uuids = {ThriftAttentionPass(c).uuid() for c in (ThriftConfig(), ThriftConfig(smooth_q=True),
+                                                     ThriftConfig(q_quant="fp8"))}
+    assert len(uuids) == 3
+
+
+def test_implementations_refuse_the_low_path_levers_they_do_not_compute():
+    """The warp-specialized fp8 kernel (kernels/gluon) predates the levers: the registry refuses smooth_q
+    for it whatever its own rules say; the portable kernel takes both levers."""
+    from thrift_inductor.kernels import implementations, lever_why_not
+
+    impls = implementations()
+    cfg = ThriftConfig(format="fp8", smooth_q=True)
+    p = Problem(1, 8, 2, 1024, 1024, 64, torch.bfloat16, "cuda", True, cfg, None, "sm90")
+    reason = impls["gluon_ws"].why_not(p)
+    assert reason is not None and reason.name == LEVER and "smooth_q" in reason.message
+    assert impls["triton"].why_not(p) is None
+    assert impls["triton"].why_not(Problem(1, 8, 2, 1024, 1024, 64, torch.bfloat16, "cuda", True,
+                                           ThriftConfig(q_quant="fp8"), None, "sm90")) is None
+
+    class Bare:           # an implementation that lists no lever
+        name = "bare"
+    assert lever_why_not(Bare(), p).name == LEVER
+    assert lever_why_not(Bare(), Problem(1, 8, 2, 1024, 1024, 64, torch.bfloat16, "cuda", True,
+                                         ThriftConfig(format="fp8", sink_blocks=1), None, "sm90")) is None
+
+
+@settings(max_examples=4)
+@given(seed=st.integers(0, 2 ** 16), n=st.integers(40, 110), gqa=st.sampled_from([1, 2]),
+       causal=st.booleans(), fmt=st.sampled_from(["nvfp4", "mxfp4", "fp8"]),
+       levers=st.sampled_from([dict(q_quant="fp8"), dict(smooth_q=True), dict(smooth_q=True, q_quant="fp8")]))
+def test_kernel_levers_are_exact_at_fraction_one(seed, n, gqa, causal, fmt, levers):
+    """fraction 1: every candidate pair runs on the high path (raw q, k), so the low-path levers cannot
+    change the result: the kernel with them equals the kernel without them (bit for bit when the low loop
+    walks the empty low lists; to fp32 reorder noise when it walks every block with a zero factor, whose
+    block maxima move the reference max) and exact attention."""
+    import os
+
+    from thrift_inductor import pipeline
+    from thrift_inductor.kernels.triton.configs import TritonConfig
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("kernel pipeline on CPU needs the Triton interpreter")
+    q, k, v = qkv(hq=gqa, hkv=1, n=n, d=64, seed=seed, mean=2.0)
+    cfg = ThriftConfig(format=fmt, fraction=1.0, block_size=32, **levers)
+    run = lambda c, launch: pipeline.run(q, k, v, scale=None, is_causal=causal, config=c,  # noqa: E731
+                                         impl_name="triton", launch_config=launch)
+    no_levers = ThriftConfig(format=fmt, fraction=1.0, block_size=32)
+    lists, dense = TritonConfig(32, 4, 1, low_lists=True), TritonConfig(64, 4, 1)
+    assert torch.equal(run(cfg, lists), run(no_levers, lists))
+    got, plain = run(cfg, dense), run(no_levers, dense)
+    assert torch.allclose(got, plain, rtol=FP32_REORDER_FLOOR, atol=FP32_REORDER_FLOOR * plain.abs().max().item())
+    ex = exact_attention(q, k, v, is_causal=causal)
+    assert torch.allclose(got.double(), ex, rtol=SDPA_FP32_RTOL, atol=SDPA_FP32_ATOL)

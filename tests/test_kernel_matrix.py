@@ -73,7 +73,7 @@ def run_case(q, k, v, cfg, causal, *, impl="triton", launch=None, scale=None, hi
         w = {"window": window} if window is not None else {}
         lists = pipeline.lists_from_hi_idx(hi_idx, lq, lk, cfg.block_size, causal, DEV, **w)
         from thrift_inductor.kernels import contract
-        stages.operands = contract.gather(*stages.operands[:3], stages.prepass, lists)
+        stages.operands = contract.gather(*stages.operands[:3], stages.prepass, lists, stages.levers)
         stages.lists = lists
     out = implementation.launch(stages.operands, problem, scale, launch)[..., :d]
     w = {} if window is None else {"window": window}
@@ -220,6 +220,50 @@ def test_sliding_window(impl, fmt, lq, lk, window, block_m):
     out, oracle, exact = run_case(q, k, v, ThriftConfig(format=fmt, fraction=0.3), True, impl=impl,
                                   launch=TritonConfig(block_m, 8 if block_m == 128 else 4, 1), window=window)
     assert_kernel_matches_oracle(out, oracle, exact, budget=_budget(fmt))
+
+
+# The low-path levers (numerics §4d): each alone and with the others and sink_blocks, over the formats where
+# they mean something (q_quant="fp8" is the fp8 format's own Q), both masks, several tile shapes, GQA 2:1,
+# ragged Lq != Lk, Q off zero (so the token mean is far from zero and smoothing matters).
+LEVER_CASES = [
+    # fmt, levers, causal, block_m (low_lists)
+    ("nvfp4", dict(q_quant="fp8"), True, 128),
+    ("nvfp4", dict(smooth_q=True), False, 32),
+    ("nvfp4", dict(q_quant="fp8", smooth_q=True, sink_blocks=1), True, 64),
+    ("mxfp4", dict(q_quant="fp8", sink_blocks=1), False, 64),
+    ("mxfp4", dict(smooth_q=True, sink_blocks=1), True, 128),
+    ("fp8", dict(smooth_q=True), True, -64),
+    ("fp8", dict(smooth_q=True, sink_blocks=1), False, 128),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fmt,levers,causal,block_m", LEVER_CASES,
+                         ids=lambda x: "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else str(x))
+def test_low_path_levers(impl, fmt, levers, causal, block_m):
+    """fp32 inputs: the kernel with a lever is the oracle with it to fp32 reorder noise (budget 0, as
+    test_fp32_inputs_match_oracle_to_reorder_noise), and the lever really changes the result."""
+    g = torch.Generator(device=DEV).manual_seed(3)
+    q = torch.randn(1, 2, 150, 64, device=DEV, generator=g) + 1.0
+    k, v = (torch.randn(1, 1, 130, 64, device=DEV, generator=g) for _ in range(2))
+    cfg = ThriftConfig(format=fmt, fraction=0.3, **levers)
+    launch = TritonConfig(abs(block_m), 8 if abs(block_m) == 128 else 4, 1, low_lists=block_m < 0)
+    out, oracle, exact = run_case(q, k, v, cfg, causal, impl=impl, launch=launch)
+    budget = FP8_GPU_BUDGET if DEV.type == "cuda" and fmt == "fp8" else 0.0
+    assert_kernel_matches_oracle(out, oracle, exact, budget=budget)
+    plain = ref.thrift_attention_reference(q, k, v, is_causal=causal, config=cfg.replace(smooth_q=False,
+                                           q_quant="format"), hi_idx=ref.select_blocks(q, k, is_causal=causal,
+                                                                                        config=cfg))
+    assert rel_l2(oracle, plain) > 1e-4, "the case must exercise the low-path lever"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_low_path_levers_sliding_window(impl):
+    """The key bias in the band's masked edge tiles (numerics §4a with §4d)."""
+    q, k, v = _qkv(2, 1, 200, 200, 64, torch.float32, seed=4)
+    cfg = ThriftConfig(format="nvfp4", fraction=0.3, smooth_q=True, q_quant="fp8")
+    out, oracle, exact = run_case(q + 1.0, k, v, cfg, True, impl=impl, launch=TritonConfig(64, 4, 1), window=70)
+    assert_kernel_matches_oracle(out, oracle, exact, budget=0.0)
 
 
 def test_implementations_agree():

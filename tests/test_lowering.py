@@ -7,6 +7,7 @@ Shapes are tiny: the interpreter runs every program in numpy.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,11 @@ def test_sdpa_becomes_thrift_template(interpreter, fmt):
     assert "thrift_attention_tile" in code
     assert "torch.ops.thrift.prepass.default(" in code and "torch.ops.thrift.select.default(" in code
     assert "torch.ops.thrift.attention.default(" not in code, "eager fallback was emitted instead"
+    # a config without levers keeps the graph it had before the levers: no lever argument on any stage op
+    # (their schema defaults), no key-bias operand
+    assert re.search(rf"thrift\.prepass\.default\(\w+, \w+, \w+, '{fmt}', {BLOCK}\)", code)
+    assert "'block_mean', 0.5, None, 64)" in code
+    assert "'HAS_KEY_BIAS': False" in code and "arg_KEY_BIAS" not in code
     check(out, q, k, v, fmt)
 
 
@@ -214,3 +220,32 @@ def test_sink_blocks_reach_the_select_op(interpreter):
     assert_kernel_matches_oracle(out, want, ref.exact_attention(q, k, v, is_causal=True))
     plain = call_op(q, k, v, scale=None, is_causal=True, config=cfg.replace(sink_blocks=0))
     assert not torch.equal(want, plain), "the lever must change this case's selection"
+
+
+@pytest.mark.parametrize("fmt,levers", [("nvfp4", {"thrift.q_quant": "fp8", "thrift.smooth_q": True,
+                                                   "thrift.sink_blocks": 1}),
+                                        ("fp8", {"thrift.smooth_q": True})])
+def test_low_path_levers_reach_the_template(interpreter, fmt, levers):
+    """q_quant / smooth_q travel op -> lowering -> thrift::prepass (lever arguments, key_bias output) ->
+    the key-bias template; one graph serves several lengths (dynamic), each the oracle with the levers."""
+    fn = torch.compile(sdpa_causal, backend="thrift", options={**OPTIONS, "thrift.format": fmt,
+                                                               "thrift.fraction": 0.3, **levers})
+    cfg = ThriftConfig.from_options({**OPTIONS, "thrift.format": fmt, "thrift.fraction": 0.3, **levers})
+    for i, lq in enumerate((128, 100)):
+        q, k, v = qkv(lq)
+        q = q + 1.0                                  # a token mean to smooth
+        for t in (q, k, v):
+            torch._dynamo.mark_dynamic(t, 2)
+        if i > 0:
+            out = fn(q, k, v)
+        else:
+            out, (code, *_) = run_and_get_code(fn, q, k, v)
+            assert "triton_tem_" in code and "torch.ops.thrift.attention.default(" not in code
+            call = code.split("torch.ops.thrift.prepass.default(")[1].split("\n")[0]
+            assert call.endswith(f"'{fmt}', {BLOCK}, '{cfg.q_quant}', True)"), call
+            assert "arg_KEY_BIAS" in code and "'HAS_KEY_BIAS': True" in code
+        want = call_op(q, k, v, scale=None, is_causal=True, config=cfg)
+        assert_kernel_matches_oracle(out, want, ref.exact_attention(q, k, v, is_causal=True))
+        plain = call_op(q, k, v, scale=None, is_causal=True, config=cfg.replace(smooth_q=False, q_quant="format"))
+        assert not torch.equal(want, plain), "the levers must change this case"
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

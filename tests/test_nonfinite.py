@@ -166,6 +166,52 @@ def test_prepass_poisons_tokens_like_the_twin(fmt, dtype):
         assert torch.isfinite(stat.float()).all(), "scales, statistics and v must stay finite"
 
 
+# The low-path levers (numerics §4d) keep the rule: the means and the key bias read non-finite elements as
+# 0, a poisoned query's fp8 codes are 0 with a NaN scale slot (q_quant="fp8" on the FP4 formats too).
+LEVER_SETS = (dict(q_quant="fp8"), dict(smooth_q=True), dict(q_quant="fp8", smooth_q=True, sink_blocks=1))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("levers", LEVER_SETS, ids=lambda d: "+".join(d))
+def test_oracle_with_levers_follows_rule(fmt, levers):
+    for where, value in (("q", math.nan), ("k", math.inf), ("v", -math.inf)):
+        q, k, v = _qkv(where, value)
+        cfg = ThriftConfig(format=fmt, fraction=0.5, **levers)
+        out = thrift_attention_reference(q, k, v, is_causal=True, config=cfg)
+        zeroed = thrift_attention_reference(*(finite_or_zero(t) for t in (q, k, v)), is_causal=True, config=cfg)
+        assert_follows_rule(out, q, k, v, True, zeroed)
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_prepass_with_levers_poisons_tokens_like_the_twin(fmt):
+    """Q in e4m3 (q_quant) and smoothed (smooth_q): a poisoned query keeps its NaN flag; the token mean and
+    the key bias stay finite (non-finite elements read as 0)."""
+    from thrift_inductor.kernels.prepass import Prepass, run
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, h, 70, HEAD_DIM, generator=g).to(torch.float16) for h in (2, 1, 1))
+    q[0, 1, 3, 7], k[0, 0, 10, 3], v[0, 0, 65, 1] = math.nan, math.inf, -math.inf
+    q, k, v = (t.to(DEV) for t in (q, k, v))
+    levers = dict(q_quant="fp8", smooth_q=True)
+    (got, got_lev), (want, want_lev) = run(q, k, v, fmt, 64, **levers), run(q, k, v, fmt, 64, **levers, torch_twin=True)
+    for name, a, b in zip(Prepass._fields, got, want):
+        assert_bit_exact(a, b, f"{fmt} {name}")
+    assert_bit_exact(got_lev.key_bias, want_lev.key_bias, "key_bias")
+    assert torch.isfinite(got_lev.key_bias).all()
+    assert torch.isnan(got.q_scale[0, 1, 3]) and not got.q_lo[0, 1, 3].float().any()
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt, where, value, fraction, levers", [
+    ("nvfp4", "q", math.nan, 0.0, dict(q_quant="fp8", smooth_q=True)),
+    ("mxfp4", "k", math.inf, 0.0, dict(smooth_q=True)),
+    ("fp8", "v", math.nan, 0.0, dict(smooth_q=True)),
+    ("nvfp4", "v", -math.inf, 1.0, dict(q_quant="fp8", smooth_q=True, sink_blocks=1)),
+])
+def test_kernel_with_levers_follows_rule(fmt, where, value, fraction, levers):
+    _kernel_case(fmt, where, value, fraction, **levers)
+
+
 @triton.jit
 def _round(X, O, N: tl.constexpr):
     x = tl.load(X + tl.arange(0, N))
@@ -185,10 +231,10 @@ def test_rounding_helpers_keep_nan():
     assert torch.isnan(out[::x.numel()]).all(), "NaN must stay NaN in every helper"
 
 
-def _kernel_case(fmt, where, value, fraction, launch=None, causal=True, impl=None):
+def _kernel_case(fmt, where, value, fraction, launch=None, causal=True, impl=None, **levers):
     q, k, v = (t.to(DEV) for t in _qkv(where, value, dtype=torch.float16))
-    out = pipeline.run(q, k, v, scale=None, is_causal=causal, config=ThriftConfig(format=fmt, fraction=fraction),
-                       launch_config=launch, impl_name=impl).cpu()
+    cfg = ThriftConfig(format=fmt, fraction=fraction, **levers)
+    out = pipeline.run(q, k, v, scale=None, is_causal=causal, config=cfg, launch_config=launch, impl_name=impl).cpu()
     assert_follows_rule(out, *(t.cpu() for t in (q, k, v)), causal)
 
 

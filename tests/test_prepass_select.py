@@ -18,7 +18,9 @@ tl = pytest.importorskip("triton.language")
 
 from thrift_inductor import kernel_ops  # noqa: E402  (registers thrift::prepass / thrift::select)
 from thrift_inductor.kernels import rounding as common  # noqa: E402
-from thrift_inductor.kernels.prepass import Prepass, prepass, prepass_torch  # noqa: E402
+from thrift_inductor.kernels import prepass as prepass_stage  # noqa: E402
+from thrift_inductor.kernels import smoothing  # noqa: E402
+from thrift_inductor.kernels.prepass import LeverOutputs, Prepass, prepass, prepass_torch  # noqa: E402
 from thrift_inductor.kernels.select import BlockLists, select, select_stats, select_torch  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -152,6 +154,73 @@ def test_prepass_rejects_bad_input():
     q, k, v = qkv(1, 2, 1, 16, 16)
     with pytest.raises(ValueError, match="format"):
         prepass(q, k, v, "int4", 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepass with the low-path levers (numerics §4d): q_quant="fp8", smooth_q
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,q_quant,smooth_q", [
+    ("nvfp4", "fp8", False), ("mxfp4", "fp8", True), ("nvfp4", "format", True), ("fp8", "format", True)])
+@pytest.mark.parametrize("case", [PREPASS_CASES[1], PREPASS_CASES[2]], ids=("gqa-fp16", "mqa-fp32-bs16"))
+def test_prepass_levers_bit_exact(fmt, q_quant, smooth_q, case):
+    """Triton vs the oracle-built twin, bit for bit: Q in e4m3 (codes in the FP4 formats' bf16 Q_LO, the
+    per-token scale in q_scale), Q smoothed by its token mean; key_bias; the selection statistics and
+    every K / V output are those of the call without levers."""
+    B, Hq, Hkv, Lq, Lk, bs, dtype = case
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lk, dtype=dtype, scale=2.0)
+    q = q + 3.0                                                   # a mean far from zero
+    got, got_lev = prepass_stage.run(q, k, v, fmt, bs, q_quant=q_quant, smooth_q=smooth_q)
+    want, want_lev = prepass_stage.run(q, k, v, fmt, bs, q_quant=q_quant, smooth_q=smooth_q, torch_twin=True)
+    assert_same(got, want, Prepass._fields)
+    plain = prepass(q, k, v, fmt, bs)
+    assert_same(got[2:], plain[2:], Prepass._fields[2:])         # k, v, statistics: untouched by Q levers
+    if smooth_q:
+        assert_same(got_lev, want_lev, LeverOutputs._fields)
+        assert got_lev.key_bias.shape == (B, Hq, Lk)
+    else:
+        assert got_lev is None
+    if q_quant == "fp8":
+        codes = got.q_lo.float()
+        assert torch.equal(codes.to(torch.float8_e4m3fn).float(), codes) and codes.abs().max() == 448
+        assert not torch.equal(got.q_scale, torch.ones_like(got.q_scale))
+    elif smooth_q:
+        assert not torch.equal(got.q_lo, plain.q_lo)
+
+
+def test_smoothing_statistics_match_the_oracle():
+    """token_mean: fp64 sums of finite-or-zero tokens, bit-equal to reference.quant.token_mean; key_bias:
+    q_mean . k per query head (GQA 3:1), ragged tiles, strided input."""
+    q = torch.randn(2, 6, 97, 64, device=DEV).transpose(2, 3).contiguous().transpose(2, 3) * 3 + 1
+    k = torch.randn(2, 2, 70, 64, dtype=torch.bfloat16, device=DEV)
+    q[0, 1, 5, 2], k[1, 0, 3, 7] = float("nan"), float("-inf")
+    qm = smoothing.token_mean(q)
+    assert_same([qm], [smoothing.token_mean_torch(q)], ["token_mean"])
+    assert torch.isfinite(qm).all() and qm.shape == (2, 6, 64)
+    kb = smoothing.key_bias(k, qm)
+    assert_same([kb], [smoothing.key_bias_torch(k, qm)], ["key_bias"])
+    assert torch.isfinite(kb).all()
+    assert not smoothing.token_mean(q[:, :, :0]).any()
+    with pytest.raises(ValueError, match="q_mean"):
+        smoothing.key_bias(k, qm[:, :5])
+
+
+def test_prepass_op_with_levers_matches_fake():
+    """thrift::prepass appends key_bias with smooth_q (11 outputs), shapes and strides as the fake says."""
+    q, k, v = qkv(1, 4, 2, 50, 70)
+    outs = torch.ops.thrift.prepass.default(q, k, v, "nvfp4", 32, "fp8", True)
+    assert len(outs) == len(Prepass._fields) + len(LeverOutputs._fields)
+    want, lev = prepass_stage.run(q, k, v, "nvfp4", 32, q_quant="fp8", smooth_q=True, torch_twin=True)
+    assert_same(outs, list(want) + list(lev), Prepass._fields + LeverOutputs._fields)
+    assert len(torch.ops.thrift.prepass.default(q, k, v, "nvfp4", 32, "fp8")) == len(Prepass._fields)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fakes = torch.ops.thrift.prepass.default(*(mode.from_tensor(t) for t in (q, k, v)), "nvfp4", 32, "fp8", True)
+    for f, r in zip(fakes, outs):
+        assert (tuple(f.shape), f.dtype, f.stride()) == (tuple(r.shape), r.dtype, r.stride())
+    with pytest.raises(ValueError, match="q_quant"):
+        torch.ops.thrift.prepass.default(q, k, v, "nvfp4", 32, "bf16")
+    torch.library.opcheck(torch.ops.thrift.prepass.default, (q, k, v, "mxfp4", 32, "fp8", True),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # ---------------------------------------------------------------------------------------------

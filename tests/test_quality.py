@@ -69,6 +69,27 @@ def test_recovery_formula_and_gap_rule():
     assert quality_report.recovery(noisy, thr)[2] is False
 
 
+def test_lever_variants_from_the_command_line():
+    """--levers: one thrift variant per lever set beside every plain variant of the default selection, named
+    '<plain>+<levers>'; levers that change nothing are dropped; the report parses the name back."""
+    sets = quality.parse_levers("sink_blocks=1; sink_blocks=1,q_quant=fp8,smooth_q=1")
+    assert sets == [(("sink_blocks", 1),), (("smooth_q", True), ("q_quant", "fp8"), ("sink_blocks", 1))]
+    names = [v.name for v in quality.variant_plan("smoke", ("nvfp4", "fp8"), lever_sets=sets)]
+    assert names == ["inductor", "nvfp4/f0", "nvfp4/f0+smooth_q=1,q_quant=fp8", "nvfp4/f0.05/block_mean",
+                     "nvfp4/f0.05/block_mean+sink_blocks=1",
+                     "nvfp4/f0.05/block_mean+smooth_q=1,q_quant=fp8,sink_blocks=1"]
+    fp8 = quality.with_levers(quality.thrift("fp8", 0.05), sets[1])
+    assert fp8.name == "fp8/f0.05/block_mean+smooth_q=1,sink_blocks=1"      # fp8's own Q is fp8 already
+    assert fp8.options()["thrift.smooth_q"] is True and fp8.config().levers() == {"smooth_q": True, "sink_blocks": 1}
+    assert quality.with_levers(quality.thrift("nvfp4", 0), sets[0]) is None  # no sink without a budget
+    assert quality_report.parse_variant(names[-1]) == ("nvfp4", 0.05, "block_mean")
+    assert quality_report.variant_levers(names[-1]) == "smooth_q=1,q_quant=fp8,sink_blocks=1"
+    assert quality_report.parse_variant("nvfp4/f0+smooth_q=1,q_quant=fp8") == ("nvfp4", 0.0, "")
+    for bad in ("smooth_q", "smooth_x=1", "smooth_q=maybe", "q_quant=bf16", "head_weights=1"):
+        with pytest.raises(ValueError):
+            quality.parse_levers(bad)
+
+
 def test_windows_are_disjoint_and_skip_front_matter():
     toks = _tokens(1000)
     ws = qd.windows(toks, 256, 3)

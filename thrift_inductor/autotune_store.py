@@ -43,7 +43,8 @@ DEFAULT_STORE_PATH = Path("~/.cache/thrift_inductor/autotune.json")
 REDIS_KEY_PREFIX = "thrift_inductor:autotune:v1:"
 REDIS_TIMEOUT_S = 2.0          # connect/read timeout: a dead Redis must not stall a compile
 FORMAT_VERSION = 1             # bump when the entry layout changes; older files are ignored
-_TEMPLATE_FILES = ("kernels/triton/kernel.py", "kernels/triton/template.py.jinja", "kernels/contract.py")
+_TEMPLATE_FILES = ("kernels/triton/kernel.py", "kernels/triton/levers.py", "kernels/triton/p_grid.py",
+                   "kernels/triton/template.py.jinja", "kernels/contract.py")
 _ENV = object()   # scoped_redis_url not in effect: THRIFT_REDIS_URL decides
 # The Redis URL of the compile in progress (set by remote_cache.shared_caches; None = no Redis). A
 # context variable, not the environment: an options= URL must not leak into other compiles.

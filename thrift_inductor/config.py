@@ -19,9 +19,10 @@ FORMATS = ("nvfp4", "mxfp4", "fp8")
 SELECTIONS = ("block_mean", "quest", "local")
 P_QUANTS = ("block", "microblock")
 Q_QUANTS = ("format", "fp8")
-# Opt-in fidelity levers (docs/fidelity_notes.md) and their defaults: the paper's numerics. Defined in the
-# oracle (reference.quant.lowpath_operands, reference.selection); the op arguments and the kernels do not
-# carry them yet, so problem.why_not refuses a non-default lever (Reason "lever").
+# Opt-in fidelity levers (docs/fidelity_notes.md, numerics §4d) and their defaults: the paper's numerics.
+# Defined in the oracle (reference.quant.lowpath_operands, reference.selection); sink_blocks, q_quant and
+# smooth_q also run as op arguments through the kernels (ops.OP_LEVERS); problem.why_not refuses the others
+# (smooth_k, head_weights: Reason "lever").
 LEVER_DEFAULTS = {"smooth_q": False, "smooth_k": False, "q_quant": "format", "sink_blocks": 0,
                   "head_weights": None}
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -42,7 +43,8 @@ class ThriftConfig:
                 ``block`` = one scale per (query row, KV block), the block's row max maps to the top code;
                 ``microblock`` = additionally a format scale per 16 (nvfp4) / 32 (mxfp4) tokens.
 
-    Opt-in fidelity levers (default off = the paper's numerics; oracle only, see LEVER_DEFAULTS):
+    Opt-in fidelity levers (default off = the paper's numerics; numerics §4d; smooth_k and head_weights run in
+    the oracle only, see LEVER_DEFAULTS):
     smooth_q:    quantise ``q - mean_q`` (per query head, mean over the call's tokens) on the low path and
                  add the exact per-key term ``mean_q . (k - mean_k)`` back to the low scores.
     smooth_k:    quantise ``k - mean_k`` (per kv head) on the low path and add the exact per-row term

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import ThriftConfig
-from .ops import config_to_op_kwargs
+from .ops import PREPASS_LEVERS, SELECT_LEVERS, config_to_op_kwargs
 from .kernels import prepass as _prepass
 from .kernels import select as _select
 
@@ -40,18 +40,22 @@ def select_config(selection: str, fraction: float, top_k: Optional[int], block_s
 
 
 @torch.library.custom_op(PREPASS_OP, mutates_args=(),
-                         schema="(Tensor q, Tensor k, Tensor v, str format, int block_size) -> Tensor[]")
-def prepass_op(q: Tensor, k: Tensor, v: Tensor, format: str, block_size: int) -> List[Tensor]:
+                         schema="(Tensor q, Tensor k, Tensor v, str format, int block_size, "
+                                "str q_quant=\"format\", bool smooth_q=False) -> Tensor[]")
+def prepass_op(q: Tensor, k: Tensor, v: Tensor, format: str, block_size: int, q_quant: str = "format",
+               smooth_q: bool = False) -> List[Tensor]:
     """docs/kernels.md §1 outputs, in order: q_lo, q_scale, k_lo, k_scale, v_lo_t, v_scale, q_mean,
-    k_mean, k_min, k_max."""
-    fn = _prepass.prepass if _use_triton(q) else _prepass.prepass_torch
-    return list(fn(q, k, v, format, block_size))
+    k_mean, k_min, k_max; then the lever outputs that are on (``prepass.LeverOutputs``: key_bias with
+    ``smooth_q``). ``q_quant`` / ``smooth_q``: the low-path levers of numerics §4d."""
+    prep, levers = _prepass.run(q, k, v, format, block_size, q_quant=q_quant, smooth_q=smooth_q,
+                                torch_twin=not _use_triton(q))
+    return list(prep) + _prepass.lever_list(levers)
 
 
 @prepass_op.register_fake
-def _prepass_fake(q, k, v, format, block_size):
-    _prepass.validate(q, k, v, format, block_size)
-    shapes = _prepass.output_shapes(tuple(q.shape), tuple(k.shape), format, block_size)
+def _prepass_fake(q, k, v, format, block_size, q_quant="format", smooth_q=False):
+    _prepass.validate(q, k, v, format, block_size, q_quant=q_quant)
+    shapes = _prepass.output_shapes(tuple(q.shape), tuple(k.shape), format, block_size, smooth_q=smooth_q)
     return [q.new_empty(shape, dtype=dtype) for shape, dtype in shapes.values()]
 
 
@@ -92,9 +96,19 @@ def _select_fake(q_mean, k_mean, k_min, k_max, Lq, Lk, is_causal, selection, fra
     return [q_mean.new_empty(shape, dtype=dt) for shape, dt in zip(shapes.values(), _select.OUTPUT_DTYPES)]
 
 
-def call_prepass(q: Tensor, k: Tensor, v: Tensor, fmt: str, block_size: int) -> _prepass.Prepass:
-    """``torch.ops.thrift.prepass`` with its outputs named."""
-    return _prepass.Prepass(*torch.ops.thrift.prepass.default(q, k, v, fmt, int(block_size)))
+def call_prepass(q: Tensor, k: Tensor, v: Tensor, fmt: str, block_size: int,
+                  config: Optional[ThriftConfig] = None) -> _prepass.Prepass:
+    """``torch.ops.thrift.prepass`` with its outputs named (the §1 outputs; ``config``'s low-path levers
+    are passed on, their outputs are dropped: see ``call_prepass_levers``)."""
+    return call_prepass_levers(q, k, v, fmt, block_size, config)[0]
+
+
+def call_prepass_levers(q: Tensor, k: Tensor, v: Tensor, fmt: str, block_size: int,
+                        config: Optional[ThriftConfig] = None):
+    """``torch.ops.thrift.prepass`` with ``config``'s low-path levers: ``(Prepass, LeverOutputs or None)``."""
+    kw = {} if config is None else config_to_op_kwargs(config, PREPASS_LEVERS)
+    outs = torch.ops.thrift.prepass.default(q, k, v, fmt, int(block_size), **kw)
+    return _prepass.split_outputs(outs)
 
 
 def call_select(pre: _prepass.Prepass, Lq: int, Lk: int, *, is_causal: bool,
@@ -104,5 +118,5 @@ def call_select(pre: _prepass.Prepass, Lq: int, Lk: int, *, is_causal: bool,
     out = torch.ops.thrift.select.default(pre.q_mean, pre.k_mean, pre.k_min, pre.k_max, Lq, Lk,
                                           bool(is_causal), config.selection, float(config.fraction),
                                           config.top_k, int(config.block_size), window,
-                                          **config_to_op_kwargs(config))    # the same lever arguments
+                                          **config_to_op_kwargs(config, SELECT_LEVERS))   # as the op's
     return _select.BlockLists(*out)

@@ -39,7 +39,7 @@ from torch._inductor.virtualized import V
 # whenever this module is loaded: generated code (also from an FX-graph cache hit, where no lowering
 # runs) calls them by name.
 from . import autotune_store, kernel_ops, ops  # noqa: F401
-from .ops import config_to_op_kwargs
+from .ops import PREPASS_LEVERS, SELECT_LEVERS, config_to_op_kwargs
 from .config import ThriftConfig
 from .kernels import contract
 from .problem import Problem, arch_of
@@ -248,9 +248,10 @@ def _tag(choices: list, start: int, key, cfg: Optional[dict]) -> None:
 # ---------------------------------------------------------------------------------------------------
 @register_lowering(torch.ops.thrift.attention.default, type_promotion_kind=None)
 def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, selection, block_size, p_quant,
-                           window=None, sink_blocks=0):
+                           window=None, sink_blocks=0, q_quant="format", smooth_q=False):
     cfg = ThriftConfig(format=format, fraction=fraction, top_k=top_k, selection=selection,
-                       block_size=block_size, p_quant=p_quant, sink_blocks=sink_blocks)
+                       block_size=block_size, p_quant=p_quant, sink_blocks=sink_blocks, q_quant=q_quant,
+                       smooth_q=smooth_q)
     op_kwargs = dict(scale=scale, is_causal=is_causal, format=format, fraction=fraction, top_k=top_k,
                      selection=selection, block_size=block_size, p_quant=p_quant)
     if window is not None:
@@ -316,16 +317,20 @@ def lower_thrift_attention(q, k, v, scale, is_causal, format, fraction, top_k, s
             offered, with_fallback, store_key = [winner], False, None    # one choice: nothing to benchmark
 
     q, k, v = (_fixed_input(x) for x in (q, k, v))
-    prep = _multi_output_op(torch.ops.thrift.prepass.default, q, k, v, format, block_size)
-    sel_args = (prep[6], prep[7], prep[8], prep[9], Lq, Lk, is_causal, selection, fraction, top_k, block_size)
     # trailing optional args only when set: graphs without them keep their old form
-    tail = (window, cfg.sink_blocks) if cfg.sink_blocks else (() if window is None else (window,))
+    prep_tail = (cfg.q_quant, cfg.smooth_q) if config_to_op_kwargs(cfg, PREPASS_LEVERS) else ()
+    prep = _multi_output_op(torch.ops.thrift.prepass.default, q, k, v, format, block_size, *prep_tail)
+    sel_args = (prep[6], prep[7], prep[8], prep[9], Lq, Lk, is_causal, selection, fraction, top_k, block_size)
+    tail = (window, cfg.sink_blocks) if config_to_op_kwargs(cfg, SELECT_LEVERS) else (
+        () if window is None else (window,))
     sel = _multi_output_op(torch.ops.thrift.select.default, *sel_args, *tail)
-    from .kernels.prepass import Prepass
+    from .kernels.prepass import LeverOutputs, Prepass
     from .kernels.select import BlockLists
-    nodes = {"input": {"q": q, "k": k, "v": v}, "prepass": dict(zip(Prepass._fields, prep)),
+    # the prepass's lever outputs (key_bias) follow its 10 outputs (kernel_ops.prepass_op)
+    prep_fields = Prepass._fields + (LeverOutputs._fields if cfg.smooth_q else ())
+    nodes = {"input": {"q": q, "k": k, "v": v}, "prepass": dict(zip(prep_fields, prep)),
              "select": dict(zip(BlockLists._fields, sel))}
-    input_nodes = [_fixed_input(nodes[o.stage][o.field]) for o in contract.OPERANDS]
+    input_nodes = [_fixed_input(nodes[o.stage][o.field]) for o in contract.operands(cfg)]
 
     out_size = [B, Hq, Lq, D]
     layout = ir.FixedLayout(device, dtype, out_size, ir.FlexibleLayout.contiguous_strides(out_size))

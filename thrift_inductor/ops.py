@@ -27,7 +27,13 @@ log = logging.getLogger("thrift_inductor")
 OP_NAME = "thrift::attention"
 # Explicit schema: inferred annotations would make the ints SymInt, and these are config constants.
 OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float? scale, bool is_causal, str format, float fraction, "
-             "int? top_k, str selection, int block_size, str p_quant, int? window=None, int sink_blocks=0) -> Tensor")
+             "int? top_k, str selection, int block_size, str p_quant, int? window=None, int sink_blocks=0, "
+             "str q_quant=\"format\", bool smooth_q=False) -> Tensor")
+# The opt-in fidelity levers the op carries (numerics §4d) and the stage op that reads each: keyword op
+# arguments, present only when a lever is on, so a graph without levers keeps its form and its cache keys.
+SELECT_LEVERS = ("sink_blocks",)              # thrift::select ranks the sink blocks first
+PREPASS_LEVERS = ("q_quant", "smooth_q")      # thrift::prepass quantises Q differently, adds key_bias
+OP_LEVERS = SELECT_LEVERS + PREPASS_LEVERS
 
 
 def config_to_op_args(cfg: ThriftConfig) -> tuple:
@@ -35,17 +41,19 @@ def config_to_op_args(cfg: ThriftConfig) -> tuple:
     return (cfg.format, float(cfg.fraction), cfg.top_k, cfg.selection, int(cfg.block_size), cfg.p_quant)
 
 
-def config_to_op_kwargs(cfg: ThriftConfig) -> dict:
-    """Keyword op arguments of the opt-in levers the op carries (``sink_blocks``), only when on: a graph
-    without them keeps its old form (and its cache keys)."""
-    n = int(getattr(cfg, "sink_blocks", 0))
-    return {"sink_blocks": n} if n else {}
+def config_to_op_kwargs(cfg: ThriftConfig, names: tuple = OP_LEVERS) -> dict:
+    """Keyword op arguments of the opt-in levers the op carries (``OP_LEVERS``, or the subset ``names`` a
+    stage op takes), only those that are on: a graph without them keeps its old form (and its cache keys)."""
+    levers = cfg.levers()
+    return {name: levers[name] for name in names if name in levers}
 
 
 def config_from_op_args(format: str, fraction: float, top_k: Optional[int], selection: str,
-                        block_size: int, p_quant: str, sink_blocks: int = 0) -> ThriftConfig:
+                        block_size: int, p_quant: str, sink_blocks: int = 0, q_quant: str = "format",
+                        smooth_q: bool = False) -> ThriftConfig:
     return ThriftConfig(format=format, fraction=fraction, top_k=top_k, selection=selection,
-                        block_size=block_size, p_quant=p_quant, sink_blocks=sink_blocks)
+                        block_size=block_size, p_quant=p_quant, sink_blocks=sink_blocks, q_quant=q_quant,
+                        smooth_q=smooth_q)
 
 
 def _reference(q, k, v, scale, is_causal, cfg, window=None):
@@ -66,15 +74,17 @@ def _kernels(q, k, v, scale, is_causal, cfg, window=None):
 @torch.library.custom_op(OP_NAME, mutates_args=(), schema=OP_SCHEMA)
 def thrift_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], is_causal: bool,
                      format: str, fraction: float, top_k: Optional[int], selection: str,
-                     block_size: int, p_quant: str, window: Optional[int] = None, sink_blocks: int = 0) -> Tensor:
+                     block_size: int, p_quant: str, window: Optional[int] = None, sink_blocks: int = 0,
+                     q_quant: str = "format", smooth_q: bool = False) -> Tensor:
     """ThriftAttention forward. q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (GQA when Hq % Hkv == 0)."""
-    cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant, sink_blocks)
+    cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant, sink_blocks, q_quant,
+                              smooth_q)
     return _reference(q, k, v, scale, is_causal, cfg, window)
 
 
 @thrift_attention.register_fake
 def _thrift_attention_fake(q, k, v, scale, is_causal, format, fraction, top_k, selection,
-                           block_size, p_quant, window=None, sink_blocks=0):
+                           block_size, p_quant, window=None, sink_blocks=0, q_quant="format", smooth_q=False):
     # Also the Meta kernel, which the dispatcher picks for mixed cpu/meta inputs: without this check a
     # device mismatch would return an uninitialised tensor instead of an error (and tracing would pass).
     if not (q.device == k.device == v.device):
@@ -86,8 +96,9 @@ def _thrift_attention_fake(q, k, v, scale, is_causal, format, fraction, top_k, s
 
 @thrift_attention.register_kernel("cuda")
 def _thrift_attention_cuda(q, k, v, scale, is_causal, format, fraction, top_k, selection,
-                           block_size, p_quant, window=None, sink_blocks=0):
-    cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant, sink_blocks)
+                           block_size, p_quant, window=None, sink_blocks=0, q_quant="format", smooth_q=False):
+    cfg = config_from_op_args(format, fraction, top_k, selection, block_size, p_quant, sink_blocks, q_quant,
+                              smooth_q)
     return _kernels(q, k, v, scale, is_causal, cfg, window)
 
 

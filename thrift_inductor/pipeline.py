@@ -28,6 +28,7 @@ class Stages:
     operands: tuple          # kernels/contract.py order, head dim padded to the kernel's
     prepass: object
     lists: object
+    levers: object = None    # the prepass's LeverOutputs (key_bias) when a low-path lever is on, else None
 
 
 def make_problem(q, k, v, *, is_causal: bool, config: ThriftConfig, window: Optional[int] = None) -> Problem:
@@ -62,14 +63,15 @@ def prepare(q, k, v, *, is_causal: bool, config: ThriftConfig, impl=None, use_to
     pad = impl.kernel_head_dim(problem) - q.shape[-1]
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-    prep = (P.prepass_torch if use_torch_stages else P.prepass)(q, k, v, config.format, config.block_size)
+    prep, levers = P.run(q, k, v, config.format, config.block_size, q_quant=config.q_quant,
+                         smooth_q=config.smooth_q, torch_twin=use_torch_stages)
     extra = {} if window is None else {"window": int(window)}
     if hi_idx is None:
         sel = S.select_torch if use_torch_stages else S.select
         lists = sel(prep, q.shape[2], k.shape[2], is_causal=is_causal, config=config, **extra)
     else:
         lists = lists_from_hi_idx(hi_idx, q.shape[2], k.shape[2], config.block_size, is_causal, q.device, **extra)
-    return Stages(problem, contract.gather(q, k, v, prep, lists), prep, lists)
+    return Stages(problem, contract.gather(q, k, v, prep, lists, levers), prep, lists, levers)
 
 
 def lists_from_hi_idx(hi_idx: torch.Tensor, lq: int, lk: int, block_size: int, is_causal: bool, device,

@@ -22,6 +22,8 @@ import torch
 
 from .config import ThriftConfig
 from .constants import FORMAT_HEAD_DIM_MULTIPLE, MAX_HEAD_DIM
+# Levers the op, the stage kernels, the portable attention kernel and the lowering carry end to end.
+from .ops import OP_LEVERS  # noqa: F401  (re-exported beside LEVER)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -48,9 +50,7 @@ KV_LEN = "kv_len"              # key and value lengths differ
 DEVICE = "device"              # q, k, v on different devices
 WINDOW = "window"              # a sliding window the implementations cannot take
 NO_KERNEL = "no_kernel"        # semantically fine, but no kernel implementation takes it on this device
-LEVER = "lever"                # an opt-in fidelity lever (ThriftConfig.levers()) only the oracle defines yet
-# Levers the op, the select kernel and the lowering carry end to end (the attention kernels need nothing).
-OP_LEVERS = ("sink_blocks",)
+LEVER = "lever"                # an opt-in fidelity lever (ThriftConfig.levers()) only the oracle defines
 
 
 def interpreting() -> bool:
@@ -153,16 +153,18 @@ def semantic_why_not(p: Problem) -> Optional[Reason]:
 
 
 def lever_why_not(p: Problem) -> Optional[Reason]:
-    """Opt-in fidelity levers (``ThriftConfig.levers()``: smoothing, fp8 Q, sink blocks) are defined in the
-    oracle (reference.quant.lowpath_operands, reference.selection) only: the op's arguments, the prepass
-    and the kernels do not carry them yet, so every path that runs the op refuses them (on every device:
-    the op would otherwise drop them silently)."""
+    """Opt-in fidelity levers (``ThriftConfig.levers()``) are defined in the oracle (reference.quant
+    .lowpath_operands, reference.selection); ``OP_LEVERS`` (sink_blocks, q_quant, smooth_q) also run as op
+    arguments through the stage kernels, the portable attention kernel and the lowering. The others
+    (smooth_k, head_weights) no op argument or kernel carries, so every path that runs the op refuses them
+    (on every device: the op would otherwise drop them silently). Which attention implementation takes a
+    carried lever is its own rule (``kernels.implementations``)."""
     levers = {k: v for k, v in p.config.levers().items() if k not in OP_LEVERS}
     if not levers:
         return None
     named = ", ".join(f"{k}={v!r}" for k, v in levers.items())
     return Reason(LEVER, f"fidelity lever(s) {named} are defined in the oracle only (no op argument, prepass "
-                         f"or kernel carries them yet); use reference.thrift_attention_reference, or the defaults")
+                         f"or kernel carries them); use reference.thrift_attention_reference, or the defaults")
 
 
 def why_not(p: Problem) -> Optional[Reason]:

@@ -17,13 +17,18 @@ from typing import Optional, Protocol, Sequence
 
 import torch
 
-from ..problem import Problem, Reason
+from ..problem import LEVER, Problem, Reason
+
+# Levers (ThriftConfig, numerics §4d) that change what the attention kernel computes: an implementation
+# runs only those it lists in ``low_path_levers`` (sink_blocks lives in selection: every kernel runs it).
+LOW_PATH_LEVERS = ("q_quant", "smooth_q", "smooth_k")
 
 
 class Implementation(Protocol):
     """What an attention implementation provides (see ``triton/__init__.py`` for the reference one)."""
 
     name: str
+    low_path_levers: tuple     # the LOW_PATH_LEVERS it computes (optional attribute; absent: none)
 
     def why_not(self, problem: Problem) -> Optional[Reason]:
         """None when this implementation computes ``problem`` (after padding the head dim, if it pads)."""
@@ -54,10 +59,34 @@ class Implementation(Protocol):
         """Inductor: append one autotune choice per config; returns the config of each appended choice."""
 
 
+def lever_why_not(impl, problem: Problem) -> Optional[Reason]:
+    """The low-path levers of ``problem`` that ``impl`` does not compute (its ``low_path_levers``), as a
+    refusal: a kernel written before a lever never runs a problem with it, without knowing about it."""
+    carried = getattr(impl, "low_path_levers", ())
+    missing = [name for name in LOW_PATH_LEVERS if name in problem.config.levers() and name not in carried]
+    if not missing:
+        return None
+    return Reason(LEVER, f"the {impl.name} kernel does not compute the low-path lever(s) {', '.join(missing)}")
+
+
+class _Registered:
+    """An implementation as the registry hands it out: ``why_not`` asks ``lever_why_not`` first, everything
+    else is the implementation's own (attribute access passes through)."""
+
+    def __init__(self, impl):
+        self._impl = impl
+
+    def __getattr__(self, name):
+        return getattr(self._impl, name)
+
+    def why_not(self, problem: Problem) -> Optional[Reason]:
+        return lever_why_not(self._impl, problem) or self._impl.why_not(problem)
+
+
 def _registry() -> dict:
     from .gluon import GluonAttention
     from .triton import TritonAttention
-    return {impl.name: impl for impl in (TritonAttention(), GluonAttention())}
+    return {impl.name: _Registered(impl) for impl in (TritonAttention(), GluonAttention())}
 
 
 _IMPLEMENTATIONS: Optional[dict] = None

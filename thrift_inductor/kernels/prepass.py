@@ -16,6 +16,10 @@ Numerics (docs/numerics.md §1-§3), bit-exact with ``reference.py``:
 - scales use IEEE division (``div_rn``) and the quantiser multiplies by the IEEE reciprocal, like CUDA.
 - means: fp64 sum over the real tokens, fp64 divide, fp64 -> fp32 -> bf16 (each rounding explicit, so the
   interpreter's truncating bf16 cast sees exact values).
+- opt-in low-path levers (numerics §4d; ``run``): ``q_quant="fp8"`` quantises Q with the fp8 format's per-token
+  quantiser (e4m3 codes, exact in the FP4 formats' bf16 storage, the fp32 scale in ``q_scale``);
+  ``smooth_q`` quantises ``q - q_shift`` (the token mean of ``kernels/smoothing.py``; block statistics stay
+  those of q) and appends ``key_bias`` (``LeverOutputs``).
 - non-finite inputs (numerics "Non-finite inputs"): a *poisoned* token (a NaN / inf in its q; for kv, in its
   k or its v) gets a NaN low row (fp4) / zero codes (fp8) and a NaN scale slot (fp4: NaN instead of 1.0);
   everything else (scales, statistics, v) reads non-finite elements as 0. The attention kernel's math then
@@ -24,12 +28,13 @@ Numerics (docs/numerics.md §1-§3), bit-exact with ``reference.py``:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ..config import Q_QUANTS
 from ..constants import E2M1_MAX, E4M3_MAX, MXFP4_BLOCK, NVFP4_BLOCK
 from .rounding import FORMAT_CODES, FORMAT_FP8, FORMAT_MXFP4, FORMAT_NVFP4, bf16_rn, e2m1_rn, e4m3_rn, \
     e8m0_up, low_dtype
@@ -56,6 +61,17 @@ class Prepass(NamedTuple):
     k_max: torch.Tensor     # [B, Hkv, NKB, D] bf16
 
 
+class LeverOutputs(NamedTuple):
+    """What the prepass appends to the §1 outputs when a low-path lever needs it (numerics §4d), in op
+    order; each is an optional attention operand of the contract (``contract.LEVER_OPERANDS``)."""
+    key_bias: torch.Tensor  # [B, Hq, Lk] fp32, smooth_q: q_mean . k (per query head and key)
+
+
+def q_format(fmt: str, q_quant: str) -> str:
+    """The format Q is quantised in on the low path: ``fmt``, or fp8 with ``q_quant="fp8"``."""
+    return "fp8" if q_quant == "fp8" else fmt
+
+
 def element_group(fmt: str, head_dim: int) -> int:
     """Elements sharing one scale along the head dim (q, k)."""
     return {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK, "fp8": head_dim}[fmt]
@@ -66,18 +82,22 @@ def token_group(fmt: str, block_size: int) -> int:
     return {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK, "fp8": block_size}[fmt]
 
 
-def output_shapes(q_shape, k_shape, fmt: str, block_size: int) -> dict:
-    """Shapes and dtypes of the §1 outputs as plain functions of the input sizes (SymInt-safe)."""
+def output_shapes(q_shape, k_shape, fmt: str, block_size: int, smooth_q: bool = False) -> dict:
+    """Shapes and dtypes of the §1 outputs (then the lever outputs that are on) as plain functions of the
+    input sizes (SymInt-safe)."""
     B, Hq, Lq, D = q_shape
     _, Hkv, Lk, _ = k_shape
     nqb = (Lq + block_size - 1) // block_size
     nkb = (Lk + block_size - 1) // block_size
     low, f32, bf16 = low_dtype(fmt), torch.float32, torch.bfloat16
-    return {"q_lo": ((B, Hq, Lq, D), low), "q_scale": ((B, Hq, Lq), f32),
-            "k_lo": ((B, Hkv, Lk, D), low), "k_scale": ((B, Hkv, Lk), f32),
-            "v_lo_t": ((B, Hkv, D, nkb * block_size), low), "v_scale": ((B, Hkv, nkb, D), f32),
-            "q_mean": ((B, Hq, nqb, D), bf16), "k_mean": ((B, Hkv, nkb, D), bf16),
-            "k_min": ((B, Hkv, nkb, D), bf16), "k_max": ((B, Hkv, nkb, D), bf16)}
+    shapes = {"q_lo": ((B, Hq, Lq, D), low), "q_scale": ((B, Hq, Lq), f32),
+              "k_lo": ((B, Hkv, Lk, D), low), "k_scale": ((B, Hkv, Lk), f32),
+              "v_lo_t": ((B, Hkv, D, nkb * block_size), low), "v_scale": ((B, Hkv, nkb, D), f32),
+              "q_mean": ((B, Hq, nqb, D), bf16), "k_mean": ((B, Hkv, nkb, D), bf16),
+              "k_min": ((B, Hkv, nkb, D), bf16), "k_max": ((B, Hkv, nkb, D), bf16)}
+    if smooth_q:
+        shapes["key_bias"] = ((B, Hq, Lk), f32)
+    return shapes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,13 +150,14 @@ def _block_mean(x, count, NSUB: tl.constexpr, BS: tl.constexpr, D: tl.constexpr)
 @triton.jit
 def _prepass_kernel(
     X, Y,                              # q (or k) input, v input (IS_KV only)
+    X_SHIFT,                           # [B*H, D] fp32 subtracted before quantising x (HAS_SHIFT only)
     X_LO, X_SCALE, X_MEAN, X_MIN, X_MAX,
     V_LO_T, V_SCALE,
     stride_xz, stride_xh, stride_xt, stride_xd,
     stride_yz, stride_yh, stride_yt, stride_yd,
     H, L, L_PAD, NB,                   # heads, tokens, padded tokens (NB * BS), selection blocks
     FORMAT: tl.constexpr, IS_KV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    TILE_T: tl.constexpr, XG: tl.constexpr, VG: tl.constexpr,
+    TILE_T: tl.constexpr, XG: tl.constexpr, VG: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -158,8 +179,13 @@ def _prepass_kernel(
         bad = bad | y_bad
 
     # ---- quantise along the head dim, one scale per XG elements (per token for fp8) ------------------
+    # smoothing (numerics §4d) quantises x - shift, an fp32 subtraction (correctly rounded, as the oracle's);
+    # the block statistics below stay those of x (selection does not change with the lever)
+    xs = x
+    if HAS_SHIFT:
+        xs = x - tl.load(X_SHIFT + pid_bh.to(tl.int64) * D + offs_d)[None, :]
     NXG: tl.constexpr = D // XG
-    xq, xsf = _quantize_groups(tl.reshape(x, (TILE_T, NXG, XG)), FORMAT)
+    xq, xsf = _quantize_groups(tl.reshape(xs, (TILE_T, NXG, XG)), FORMAT)
     xq = tl.reshape(xq, (TILE_T, D))
     if FORMAT == 2:
         xq = tl.where(bad[:, None], 0.0, xq)             # the NaN scale carries the poison
@@ -215,10 +241,13 @@ def _num_warps(tile_elems: int) -> int:
     return _MAX_WARPS
 
 
-def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int) -> None:
+def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int,
+             q_quant: str = "format") -> None:
     """Clear errors for inputs the prepass cannot take (shared by the Triton and torch paths)."""
     if fmt not in FORMAT_CODES:
         raise ValueError(f"format must be one of {tuple(FORMAT_CODES)}, got {fmt!r}")
+    if q_quant not in Q_QUANTS:
+        raise ValueError(f"q_quant must be one of {Q_QUANTS}, got {q_quant!r}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected 4-d q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D]; got q{tuple(q.shape)} "
                          f"k{tuple(k.shape)} v{tuple(v.shape)}")
@@ -236,14 +265,26 @@ def validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_
                          f"blocks (64, 128, 256), got {D}")
 
 
+def _check_shift(q_shift: Optional[torch.Tensor], q: torch.Tensor) -> None:
+    want = (q.shape[0], q.shape[1], q.shape[3])
+    if q_shift is not None and (tuple(q_shift.shape) != want or q_shift.dtype != torch.float32
+                                or q_shift.device != q.device):
+        raise ValueError(f"q_shift must be fp32 {want} on {q.device}, got {tuple(q_shift.shape)} "
+                         f"{q_shift.dtype} on {q_shift.device}")
+
+
 def empty_outputs(q, k, fmt: str, block_size: int) -> Prepass:
     shapes = output_shapes(tuple(q.shape), tuple(k.shape), fmt, block_size)
     return Prepass(*(torch.empty(s, dtype=dt, device=q.device) for s, dt in shapes.values()))
 
 
-def prepass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int) -> Prepass:
-    """Run the Triton prepass (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
-    validate(q, k, v, fmt, block_size)
+def prepass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int, *,
+            q_quant: str = "format", q_shift: Optional[torch.Tensor] = None) -> Prepass:
+    """Run the Triton prepass (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+    ``q_quant="fp8"``: Q in e4m3 with a per-token scale (stored in the format's Q_LO dtype); ``q_shift``
+    (fp32 ``[B, Hq, D]``): quantise ``q - q_shift`` (smooth_q; numerics §4d)."""
+    validate(q, k, v, fmt, block_size, q_quant)
+    _check_shift(q_shift, q)
     if q.shape[3] & (q.shape[3] - 1):      # tl.arange spans the head dim
         raise ValueError(f"the Triton prepass needs a power-of-two head dim, got {q.shape[3]}")
     out = empty_outputs(q, k, fmt, block_size)
@@ -256,28 +297,34 @@ def prepass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_s
     warps = _num_warps(tile_t * D)
     if Lq > 0 and B * Hq > 0:
         nqb = out.q_mean.shape[2]
+        qfmt = q_format(fmt, q_quant)     # the Q program only quantises x: its FORMAT is Q's quantiser
         _prepass_kernel[(triton.cdiv(Lq, tile_t), B * Hq)](
-            q, q, out.q_lo, out.q_scale, out.q_mean, out.q_mean, out.q_mean, out.v_lo_t, out.v_scale,
+            q, q, out.q_scale if q_shift is None else q_shift.contiguous(),
+            out.q_lo, out.q_scale, out.q_mean, out.q_mean, out.q_mean, out.v_lo_t, out.v_scale,
             *q.stride(), *q.stride(), Hq, Lq, Lq, nqb,
-            FORMAT=code, IS_KV=False, D=D, BS=block_size, TILE_T=tile_t, XG=xg, VG=vg, num_warps=warps)
+            FORMAT=FORMAT_CODES[qfmt], IS_KV=False, D=D, BS=block_size, TILE_T=tile_t,
+            XG=element_group(qfmt, D), VG=vg, HAS_SHIFT=q_shift is not None, num_warps=warps)
     if Lk > 0 and B * Hkv > 0:
         nkb = out.k_mean.shape[2]
         _prepass_kernel[(triton.cdiv(Lk, tile_t), B * Hkv)](
-            k, v, out.k_lo, out.k_scale, out.k_mean, out.k_min, out.k_max, out.v_lo_t, out.v_scale,
+            k, v, out.k_scale, out.k_lo, out.k_scale, out.k_mean, out.k_min, out.k_max, out.v_lo_t, out.v_scale,
             *k.stride(), *v.stride(), Hkv, Lk, nkb * block_size, nkb,
-            FORMAT=code, IS_KV=True, D=D, BS=block_size, TILE_T=tile_t, XG=xg, VG=vg, num_warps=warps)
+            FORMAT=code, IS_KV=True, D=D, BS=block_size, TILE_T=tile_t, XG=xg, VG=vg, HAS_SHIFT=False,
+            num_warps=warps)
     return out
 
 
 # ------------------------------------------------------------------------------------------------
 # Pure-torch twin (CPU without the interpreter; the tests' reference), built from the oracle
 # ------------------------------------------------------------------------------------------------
-def prepass_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int) -> Prepass:
-    """The same §1 layout computed with ``reference.py``'s quantisers and statistics."""
+def prepass_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int, *,
+                  q_quant: str = "format", q_shift: Optional[torch.Tensor] = None) -> Prepass:
+    """The same §1 layout computed with ``reference.py``'s quantisers and statistics (levers as ``prepass``)."""
     from .. import reference as ref     # lazy: the oracle is only needed when this path runs
     from ..reference.quant import finite_or_zero, poisoned_tokens
 
-    validate(q, k, v, fmt, block_size)
+    validate(q, k, v, fmt, block_size, q_quant)
+    _check_shift(q_shift, q)
     B, Hq, Lq, D = q.shape
     _, Hkv, Lk, _ = k.shape
     bs = block_size
@@ -287,17 +334,19 @@ def prepass_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, b
     q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
     nan = float("nan")
 
-    def along_d(x, bad):                # q, k: one scale per 16 / 32 elements (fp4) or per token (fp8)
-        qt = ref.quantize(x, fmt, dim=-1)
-        if fmt == "fp8":       # poisoned: zero codes, NaN scale
+    def along_d(x, bad, xfmt):          # q, k: one scale per 16 / 32 elements (fp4) or per token (fp8)
+        qt = ref.quantize(x, xfmt, dim=-1)
+        if xfmt == "fp8":      # poisoned: zero codes, NaN scale
             scale = torch.where(bad, nan, qt.scales.reshape(x.shape[:-1]).to(torch.float32))
             return qt.codes.masked_fill(bad[..., None], 0.0).to(low), scale
         # fp4: poisoned rows NaN, scale slot NaN (else 1.0)
         scale = torch.where(bad, nan, torch.ones(x.shape[:-1], dtype=torch.float32, device=x.device))
         return ref.dequantize(qt).masked_fill(bad[..., None], nan).to(low), scale
 
-    q_lo, q_scale = along_d(q, q_bad)
-    k_lo, k_scale = along_d(k, kv_bad)
+    # smooth_q: the fp32 difference the oracle quantises (reference.quant.lowpath_operands)
+    qs = q if q_shift is None else q.float() - q_shift[:, :, None, :]
+    q_lo, q_scale = along_d(qs, q_bad, q_format(fmt, q_quant))
+    k_lo, k_scale = along_d(k, kv_bad, fmt)
     # v: zero-pad to whole selection blocks, quantise along tokens, store transposed.
     v_pad = torch.zeros((B, Hkv, nkb * bs, D), dtype=v.dtype, device=v.device)
     v_pad[:, :, :Lk] = v
@@ -314,3 +363,32 @@ def prepass_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, b
     return Prepass(q_lo.contiguous(), q_scale.contiguous(), k_lo.contiguous(), k_scale.contiguous(), v_lo_t,
                    v_scale.contiguous(), q_mean.contiguous(), k_mean.contiguous(), k_min.contiguous(),
                    k_max.contiguous())
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage with its levers (what thrift::prepass runs)
+# ------------------------------------------------------------------------------------------------
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmt: str, block_size: int, *, q_quant: str = "format",
+        smooth_q: bool = False, torch_twin: bool = False):
+    """The prepass stage with the low-path levers of numerics §4d: ``(Prepass, LeverOutputs or None)``.
+    ``smooth_q``: Q's token mean (``smoothing.token_mean``) is subtracted before quantising Q and
+    ``key_bias = q_mean . k`` is returned. ``torch_twin``: the oracle-built torch path instead of Triton."""
+    from . import smoothing
+    q_shift = None
+    if smooth_q:
+        q_shift = (smoothing.token_mean_torch if torch_twin else smoothing.token_mean)(q)
+    prep = (prepass_torch if torch_twin else prepass)(q, k, v, fmt, block_size, q_quant=q_quant, q_shift=q_shift)
+    if not smooth_q:
+        return prep, None
+    return prep, LeverOutputs((smoothing.key_bias_torch if torch_twin else smoothing.key_bias)(k, q_shift))
+
+
+def lever_list(levers: Optional[LeverOutputs]) -> list:
+    """The lever outputs in op order (none when no lever is on)."""
+    return [] if levers is None else list(levers)
+
+
+def split_outputs(outs) -> tuple:
+    """``thrift::prepass``'s output list -> ``(Prepass, LeverOutputs or None)``."""
+    n = len(Prepass._fields)
+    return Prepass(*outs[:n]), (LeverOutputs(*outs[n:]) if len(outs) > n else None)

@@ -40,11 +40,14 @@ def constexprs(problem: Problem, scale: float, config: TritonConfig) -> dict:
                 GQA_GROUP=problem.gqa_group, P_EXACT_ROUND=interpreting(),
                 FP8_ACC_PROMOTE=contract.FP8_ACC_PROMOTE, RESCALE_SLACK=float(config.rescale_slack),
                 HI_STAGES=config.hi_stages, LOW_LISTS=bool(config.low_lists),
-                WINDOW=int(problem.window or 0))
+                WINDOW=int(problem.window or 0),
+                Q_ROW_SCALE=cfg.format == "fp8" or cfg.q_quant == "fp8", HAS_KEY_BIAS=bool(cfg.smooth_q))
 
 
 class TritonAttention:
     name = "triton"
+    # The low-path levers (numerics §4d) this kernel computes; kernels.implementations refuses the others.
+    low_path_levers = ("q_quant", "smooth_q")
 
     def kernel_head_dim(self, problem: Problem) -> int:
         return kernel_head_dim(problem.head_dim, problem.config.format)
@@ -98,7 +101,7 @@ class TritonAttention:
             raise ValueError(f"operands have head dim {D}; the kernel runs at {self.kernel_head_dim(problem)} "
                              "(pad first: pipeline.run does)")
         contract.check(operands, q.shape, operands[contract.INDEX["K"]].shape, problem.config.format,
-                       problem.config.block_size, q.dtype)
+                       problem.config.block_size, q.dtype, problem.config)
         config = config or self.configs(problem, "default")[0]
         why = self.config_why_not(problem, config)
         if why:
@@ -117,7 +120,7 @@ class TritonAttention:
 
     def append_choices(self, choices: list, input_nodes: list, layout, problem: Problem, scale: float,
                        configs: Sequence) -> list:
-        template = _template()
+        template = _template(bool(problem.config.smooth_q))
         appended = []
         for kc in configs:
             start = len(choices)
@@ -131,21 +134,26 @@ class TritonAttention:
 
 
 TEMPLATE_NAME = "thrift_attention"
-_TEMPLATE = None
+# The template of calls with the key-bias operand (smooth_q): its argument list has KEY_BIAS, so it is a
+# second template (a name of its own); calls without it keep the first one, unchanged.
+KEY_BIAS_TEMPLATE_NAME = "thrift_attention_key_bias"
+_TEMPLATES: dict = {}
 
 
-def template_source() -> str:
-    """The jinja source with the contract's argument lists filled in."""
+def template_source(key_bias: bool = False) -> str:
+    """The jinja source with the contract's argument lists filled in (``key_bias``: KEY_BIAS appended)."""
+    from ...config import ThriftConfig
+    ops = contract.operands(ThriftConfig(smooth_q=key_bias))
     src = TEMPLATE_PATH.read_text()
-    return (src.replace("@DEF_KERNEL@", contract.template_def_kernel())
-               .replace("@POINTERS@", contract.template_pointer_tuple())
-               .replace("@STRIDES@", contract.template_stride_tuple()))
+    return (src.replace("@DEF_KERNEL@", contract.template_def_kernel(ops))
+               .replace("@POINTERS@", contract.template_pointer_tuple(ops))
+               .replace("@STRIDES@", contract.template_stride_tuple(ops)))
 
 
-def _template():
-    """The Inductor TritonTemplate (one per process: Inductor asserts unique template names)."""
-    global _TEMPLATE
-    if _TEMPLATE is None:
+def _template(key_bias: bool = False):
+    """The Inductor TritonTemplate (one per process and variant: Inductor asserts unique template names)."""
+    name = KEY_BIAS_TEMPLATE_NAME if key_bias else TEMPLATE_NAME
+    if name not in _TEMPLATES:
         from torch._inductor.select_algorithm import SymbolicGridFn, TritonTemplate
 
         @SymbolicGridFn
@@ -154,6 +162,6 @@ def _template():
             sizes (ints when benchmarking, sympy in wrapper codegen for dynamic lengths)."""
             return (cdiv(num_queries, meta["BLOCK_M"]), batch * q_heads, 1)
 
-        getattr(TritonTemplate, "all_templates", {}).pop(TEMPLATE_NAME, None)   # re-import / reload
-        _TEMPLATE = TritonTemplate(name=TEMPLATE_NAME, grid=thrift_attention_grid, source=template_source())
-    return _TEMPLATE
+        getattr(TritonTemplate, "all_templates", {}).pop(name, None)   # re-import / reload
+        _TEMPLATES[name] = TritonTemplate(name=name, grid=thrift_attention_grid, source=template_source(key_bias))
+    return _TEMPLATES[name]

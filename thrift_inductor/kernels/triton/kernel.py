@@ -30,7 +30,11 @@ GQA_GROUP (Hq // Hkv), P_EXACT_ROUND (True under TRITON_INTERPRET=1: rounds P to
 cast, widens bf16 dot operands to fp32, rounds fp32 -> bf16 first: the interpreter's casts misround),
 FP8_ACC_PROMOTE (contract), RESCALE_SLACK, HI_STAGES and LOW_LISTS (speed: TritonConfig; LOW_LISTS walks
 the query block's LO_IDX list instead of the dense range, for tiles inside one query block), WINDOW (the
-sliding window W, 0 = none: the band i - W < j <= i; blocks left of the band are skipped, partial ones masked).
+sliding window W, 0 = none: the band i - W < j <= i; blocks left of the band are skipped, partial ones masked),
+Q_ROW_SCALE (Q_SCALE holds a per-token scale of fp8 Q codes: the fp8 format, or q_quant="fp8") and
+HAS_KEY_BIAS (smooth_q: the KEY_BIAS operand is passed and joins the low path's scores): the low-path levers
+of numerics §4d (``levers.py``; both False for an FP4 call without levers, nothing changes then).
+P on the format grids: ``p_grid.py``.
 Returns the normalised fp32 ``[BLOCK_M, HEAD_DIM]`` output tile (rows >= Lq hold garbage; mask the store).
 """
 from __future__ import annotations
@@ -40,8 +44,11 @@ import math
 import triton
 import triton.language as tl
 
-from ...constants import E2M1_MAX, LOG2E, MXFP4_BLOCK, NVFP4_BLOCK, P_FP4_MAX, P_FP8_MAX
-from ..rounding import FORMAT_FP8, FORMAT_NVFP4, bf16_rn, e2m1_rn, e4m3_rn, e8m0_up
+from ...constants import E2M1_MAX, LOG2E, P_FP4_MAX, P_FP8_MAX
+from ..rounding import FORMAT_FP8, bf16_rn, e4m3_rn
+from .levers import add_key_bias, exp2_scores, q_row_factor
+from .p_grid import e2m1_rn_p as _e2m1_rn_p
+from .p_grid import p_microblock as _p_microblock
 
 # log2 of the P grid maxima: e * MAX == exp2(s - B + log2(MAX)), so the scaling rides in the exp2's FMA.
 _LOG2_P_FP8_MAX = tl.constexpr(math.log2(P_FP8_MAX))
@@ -51,54 +58,12 @@ _INV_P_FP4_MAX = tl.constexpr(1.0 / P_FP4_MAX)
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))
 _E2M1_MAX = tl.constexpr(E2M1_MAX)
-_FP32_EXP_MASK = tl.constexpr(0x7F800000)
-_E2M1_P_MAGIC = tl.constexpr(1.5 * 2.0 ** 22)
 _FP8 = tl.constexpr(FORMAT_FP8)
-_NVFP4 = tl.constexpr(FORMAT_NVFP4)
-assert (NVFP4_BLOCK, MXFP4_BLOCK) == (16, 32)     # the P microblocks of _p_microblock (literals there)
 # Floor for a block row max: a row with no visible key in a masked tile gets exp2(-inf - NEG_BIG) = 0
 # instead of exp2(-inf + inf) = NaN. Real log2-domain scores never come near it.
 _NEG_BIG = tl.constexpr(-1.0e30)
 # High-precision kv blocks whose poison flags one gather reads (16 x BLOCK_N flags: 8 per thread at 4 warps).
 _HI_SCAN = tl.constexpr(16)
-
-
-# ------------------------------------------------------------------------------------------------
-# P rounding
-# ------------------------------------------------------------------------------------------------
-@triton.jit
-def _e2m1_rn_p(x):
-    """common.e2m1_rn for the P tile: x = 6e in [0, 7) (exp2 overshoots 6 by at most a few ulp).
-
-    5 ALU ops instead of the general helper's ~13 (the softmax loop is ALU-bound, ~5-7% per op on H100):
-    adding magic = 1.5 * 2**22 * 2**E (E = exponent of max(x, 1)) makes the FPU round x to a multiple of
-    2**(E-1), i.e. to the E2M1 step (.5 below 2, 1 below 4, 2 below 8), ties to even = ties to the even
-    code; saturation is not needed below 7. Checked equal to reference.e2m1_rn for every fp32 in [0, 6.001].
-    """
-    pow2 = (tl.maximum(x, 1.0).to(tl.int32, bitcast=True) & _FP32_EXP_MASK).to(tl.float32, bitcast=True)
-    magic = pow2 * _E2M1_P_MAGIC
-    return (x + magic) - magic
-
-
-@triton.jit
-def _p_microblock(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FORMAT: tl.constexpr):
-    """p_quant='microblock' (numerics.md §4): x = 6e [BLOCK_M, BLOCK_N] quantised along tokens in groups of
-    16 (nvfp4, E4M3 scale) or 32 (mxfp4, E8M0 scale rounded up), exactly like reference.fake_quantize;
-    returns codes * scale (exact in bf16), still in units of 6e."""
-    MB: tl.constexpr = 16 if FORMAT == _NVFP4 else 32     # NVFP4_BLOCK / MXFP4_BLOCK
-    tl.static_assert(BLOCK_N % MB == 0, "the kv tile must hold whole P microblocks")
-    x3 = tl.reshape(x, [BLOCK_M, BLOCK_N // MB, MB])
-    amax = tl.max(x3, 2)
-    ratio = tl.math.div_rn(amax, tl.full(amax.shape, _E2M1_MAX, tl.float32))    # IEEE, as the oracle
-    if FORMAT == _NVFP4:
-        sf = e4m3_rn(ratio)
-    else:
-        sf = e8m0_up(ratio)
-    inv = tl.where(sf > 0.0, tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), tl.where(sf > 0.0, sf, 1.0)),
-                   0.0)
-    # the general rounding helper: x * inv can pass 7 when an nvfp4 scale is an e4m3 subnormal
-    codes = e2m1_rn(x3 * inv[:, :, None])
-    return tl.reshape(codes * sf[:, :, None], [BLOCK_M, BLOCK_N])
 
 
 @triton.jit
@@ -122,10 +87,11 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_
              LOW: tl.constexpr, MASKED: tl.constexpr, HIGH_IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
              IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr, P_MICRO: tl.constexpr,
              P_EXACT_ROUND: tl.constexpr, RESCALE_SLACK: tl.constexpr, FP8_ACC_PROMOTE: tl.constexpr,
-             WINDOW: tl.constexpr, POISON: tl.constexpr = False):
+             WINDOW: tl.constexpr, POISON: tl.constexpr = False, kb=None, KEY_BIAS_SCALE: tl.constexpr = 0.0):
     """q_rowc: per-row factor [BLOCK_M] taking the raw dot product to the log2 score (scale*log2e, and
-    the fp8 q scale). keep: per-row 1.0 / 0.0, whether this step contributes to the row.
+    the q scale of fp8 codes). keep: per-row 1.0 / 0.0, whether this step contributes to the row.
     kv = (k, v, k_scale, v_scale) bases at the (batch, kv head); kv_strides = their token/channel strides.
+    kb, KEY_BIAS_SCALE (low path, smooth_q; 0 = off): the key bias operand, levers.add_key_bias.
     POISON (high path only): the tile may hold poisoned key tokens, read their flags (numerics §4b)."""
     k_base, v_base, ks_base, vs_base = kv
     stride_kn, stride_kd, stride_vn, stride_vd, stride_ksn, stride_vsb, stride_vsd = kv_strides
@@ -164,6 +130,9 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_
         else:
             k_sc = tl.load(ks_base + offs_n * stride_ksn)
         qk = qk * k_sc[None, :]
+    PRESCALED: tl.constexpr = LOW and KEY_BIAS_SCALE != 0.0
+    if PRESCALED:
+        qk = add_key_bias(qk, q_rowc, kb, offs_n, Lk, MASKED, KEY_BIAS_SCALE)    # log2 scores from here on
     if MASKED:
         visible = n_ok[None, :]
         if IS_CAUSAL:
@@ -171,8 +140,11 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_
         if WINDOW > 0:
             visible = visible & (offs_n[None, :] > offs_m[:, None] - WINDOW)
         qk = tl.where(visible, qk, float("-inf"))
-    # block row max in raw units; q_rowc > 0, so max(qk * c) == max(qk) * c
-    b = tl.max(qk, 1) * q_rowc
+    if PRESCALED:
+        b = tl.max(qk, 1)
+    else:
+        # block row max in raw units; q_rowc > 0, so max(qk * c) == max(qk) * c
+        b = tl.max(qk, 1) * q_rowc
     if MASKED:
         b = tl.maximum(b, _NEG_BIG)
     if RESCALE_SLACK > 0:
@@ -194,7 +166,7 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_
     if LOW:
         if FORMAT == _FP8:
             # e * 448 in one FMA + exp2; the P codes and the row sum share that unit, beta divides it out
-            pe = tl.exp2(qk * q_rowc[:, None] - (b - _LOG2_P_FP8_MAX)[:, None])
+            pe = exp2_scores(qk, q_rowc, b, _LOG2_P_FP8_MAX, PRESCALED)
             beta = beta * _INV_P_FP8_MAX
             l_ij = tl.sum(pe, 1)
             if P_EXACT_ROUND:
@@ -202,7 +174,7 @@ def _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_
             p = pe.to(tl.float8e4nv)
         else:
             # FP4: e * 6 on the E2M1 grid; E2M1 values are exact in bf16
-            pe = tl.exp2(qk * q_rowc[:, None] - (b - _LOG2_P_FP4_MAX)[:, None])
+            pe = exp2_scores(qk, q_rowc, b, _LOG2_P_FP4_MAX, PRESCALED)
             beta = beta * _INV_P_FP4_MAX
             l_ij = tl.sum(pe, 1)
             if P_MICRO:
@@ -250,9 +222,9 @@ def _low_keep(map_base, stride_m, stride_k, j, qb0, nqb, qb_row, QB_PER_TILE: tl
 def _low_range(acc, l_i, m_i, start, end, low, walk, MASKED: tl.constexpr, FROM_LIST: tl.constexpr,
                QB_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
                P_MICRO: tl.constexpr, P_EXACT_ROUND: tl.constexpr, RESCALE_SLACK: tl.constexpr,
-               FP8_ACC_PROMOTE: tl.constexpr, WINDOW: tl.constexpr):
+               FP8_ACC_PROMOTE: tl.constexpr, WINDOW: tl.constexpr, KEY_BIAS_SCALE: tl.constexpr):
     """Low-precision steps ``start <= i < end`` on kv block ``LO_IDX[i]`` (FROM_LIST) or block ``i`` with the
-    HI_MAP row factor. low = (q_lo, q_rowc, offs_m, offs_d, Lk, kv, kv_strides); walk = (lo_row, lo stride,
+    HI_MAP row factor. low = (q_lo, q_rowc, offs_m, offs_d, Lk, kv, kv_strides, kb); walk = (lo_row, lo stride,
     map base, map strides (query block, kv block), qb0, nqb, qb_row)."""
     # The list walk's masked range is its last entry: one step. Software-pipelining a one-trip loop only
     # adds prologue/epilogue code (sm_90, Triton 3.6: +390 instructions, fp8 d64 250 -> 168 registers when
@@ -263,12 +235,12 @@ def _low_range(acc, l_i, m_i, start, end, low, walk, MASKED: tl.constexpr, FROM_
         for i in tl.range(start, end, num_stages=MASKED_STAGES):
             acc, l_i, m_i = _low_step(acc, l_i, m_i, i, low, walk, MASKED, FROM_LIST, QB_PER_TILE, BLOCK_N,
                                       IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE,
-                                      WINDOW)
+                                      WINDOW, KEY_BIAS_SCALE)
     else:
         for i in range(start, end):
             acc, l_i, m_i = _low_step(acc, l_i, m_i, i, low, walk, MASKED, FROM_LIST, QB_PER_TILE, BLOCK_N,
                                       IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE,
-                                      WINDOW)
+                                      WINDOW, KEY_BIAS_SCALE)
     return acc, l_i, m_i
 
 
@@ -276,8 +248,8 @@ def _low_range(acc, l_i, m_i, start, end, low, walk, MASKED: tl.constexpr, FROM_
 def _low_step(acc, l_i, m_i, i, low, walk, MASKED: tl.constexpr, FROM_LIST: tl.constexpr,
               QB_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
               P_MICRO: tl.constexpr, P_EXACT_ROUND: tl.constexpr, RESCALE_SLACK: tl.constexpr,
-              FP8_ACC_PROMOTE: tl.constexpr, WINDOW: tl.constexpr):
-    q_lo, q_rowc, offs_m, offs_d, Lk, kv, kv_strides = low
+              FP8_ACC_PROMOTE: tl.constexpr, WINDOW: tl.constexpr, KEY_BIAS_SCALE: tl.constexpr):
+    q_lo, q_rowc, offs_m, offs_d, Lk, kv, kv_strides, kb = low
     lo_row, stride_lo, map_base, stride_mm, stride_mk, qb0, nqb, qb_row = walk
     if FROM_LIST:
         j = tl.load(lo_row + i * stride_lo)
@@ -288,7 +260,8 @@ def _low_step(acc, l_i, m_i, i, low, walk, MASKED: tl.constexpr, FROM_LIST: tl.c
     return _kv_tile(acc, l_i, m_i, q_lo, q_rowc, keep, j, offs_m, offs_d, Lk, kv, kv_strides,
                     LOW=True, MASKED=MASKED, HIGH_IEEE=False, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL,
                     FORMAT=FORMAT, P_MICRO=P_MICRO, P_EXACT_ROUND=P_EXACT_ROUND,
-                    RESCALE_SLACK=RESCALE_SLACK, FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW)
+                    RESCALE_SLACK=RESCALE_SLACK, FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW, kb=kb,
+                    KEY_BIAS_SCALE=KEY_BIAS_SCALE)
 
 
 @triton.jit
@@ -311,18 +284,25 @@ def thrift_attention_state(T, S, Lq, Lk, off_z, off_hq, start_m,
                            HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
                            P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
                            FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
-                           HI_STAGES: tl.constexpr, LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr):
-    """T: operand pointers, S: their stride tuples, both in kernels/contract.py order. Returns the online
-    softmax state (acc, l, m): the unnormalised fp32 output tile, the row sums and the reference row maxima
-    (log2 units of the scaled scores), so ``O = acc / l`` and ``lse = (m + log2 l) * ln 2``."""
-    Q, K, V, Q_LO, Q_SCALE, K_LO, K_SCALE, V_LO_T, V_SCALE, HI_IDX, HI_CNT, LO_IDX, LO_CNT, HI_MAP = T
-    sQ, sK, sV, sQL, sQS, sKL, sKS, sVT, sVS, sHI, sHC, sLI, sLC, sHM = S
+                           HI_STAGES: tl.constexpr, LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr,
+                           Q_ROW_SCALE: tl.constexpr, HAS_KEY_BIAS: tl.constexpr):
+    """T: operand pointers, S: their stride tuples, both in kernels/contract.py order (``operands(config)``:
+    KEY_BIAS last, only with HAS_KEY_BIAS; levers.py). Returns the online softmax state (acc, l, m): the
+    unnormalised fp32 output tile, the row sums and the reference row maxima (log2 units of the scaled
+    scores), so ``O = acc / l`` and ``lse = (m + log2 l) * ln 2``."""
+    if HAS_KEY_BIAS:
+        Q, K, V, Q_LO, Q_SCALE, K_LO, K_SCALE, V_LO_T, V_SCALE, HI_IDX, HI_CNT, LO_IDX, LO_CNT, HI_MAP, KEY_BIAS = T
+        sQ, sK, sV, sQL, sQS, sKL, sKS, sVT, sVS, sHI, sHC, sLI, sLC, sHM, sKB = S
+    else:
+        Q, K, V, Q_LO, Q_SCALE, K_LO, K_SCALE, V_LO_T, V_SCALE, HI_IDX, HI_CNT, LO_IDX, LO_CNT, HI_MAP = T
+        sQ, sK, sV, sQL, sQS, sKL, sKS, sVT, sVS, sHI, sHC, sLI, sLC, sHM = S
     tl.static_assert(BLOCK_N % BLOCK_M == 0 or BLOCK_M % BLOCK_N == 0,
                      "query tiles must align to query blocks (BLOCK_M | BLOCK_N or BLOCK_N | BLOCK_M)")
     tl.static_assert(not (P_MICRO and FORMAT == _FP8), "p_quant='microblock' is an FP4 scheme")
     tl.static_assert(not LOW_LISTS or BLOCK_M <= BLOCK_N, "the low-list walk needs a tile inside one query block")
     tl.static_assert(not (LOW_LISTS and WINDOW > 0), "a sliding window walks the dense band")
     tl.static_assert(WINDOW == 0 or IS_CAUSAL, "a sliding window is causal")
+    tl.static_assert(Q_ROW_SCALE or FORMAT != _FP8, "the fp8 format's Q has a per-token scale")
     QB_PER_TILE: tl.constexpr = BLOCK_M // BLOCK_N if BLOCK_M > BLOCK_N else 1
     off_hkv = off_hq // GQA_GROUP
     off_z64 = off_z.to(tl.int64)   # batch/head offsets can pass 2**31 elements at long context
@@ -363,15 +343,17 @@ def thrift_attention_state(T, S, Lq, Lk, off_z, off_hq, start_m,
     # ---- loop 1: low precision, every candidate block ------------------------------------------
     q_lo = tl.load(Q_LO + off_z64 * sQL[0] + off_hq64 * sQL[1] + offs_m[:, None] * sQL[2]
                    + offs_d[None, :] * sQL[3], mask=m_ok[:, None], other=0.0)
-    if FORMAT == _FP8:
-        q_sc = tl.load(Q_SCALE + off_z64 * sQS[0] + off_hq64 * sQS[1] + offs_m * sQS[2], mask=m_ok, other=1.0)
-        q_rowc = q_sc * qk_scale
-    else:
-        q_rowc = tl.full([BLOCK_M], qk_scale, tl.float32)
+    q_rowc = q_row_factor(Q_SCALE + off_z64 * sQS[0] + off_hq64 * sQS[1], sQS[2], offs_m, m_ok, qk_scale, BLOCK_M,
+                          Q_ROW_SCALE)
     kv_lo = (K_LO + off_z64 * sKL[0] + off_hkv64 * sKL[1], V_LO_T + off_z64 * sVT[0] + off_hkv64 * sVT[1],
              K_SCALE + off_z64 * sKS[0] + off_hkv64 * sKS[1], V_SCALE + off_z64 * sVS[0] + off_hkv64 * sVS[1])
     kv_lo_strides = (sKL[2], sKL[3], sVT[3], sVT[2], sKS[2], sVS[2], sVS[3])
-    low = (q_lo, q_rowc, offs_m, offs_d, Lk, kv_lo, kv_lo_strides)
+    if HAS_KEY_BIAS:
+        kb = (KEY_BIAS + off_z64 * sKB[0] + off_hq64 * sKB[1], sKB[2])
+    else:
+        kb = (Q_SCALE, 0)                                    # never read (KB_SCALE == 0)
+    KB_SCALE: tl.constexpr = qk_scale if HAS_KEY_BIAS else 0.0
+    low = (q_lo, q_rowc, offs_m, offs_d, Lk, kv_lo, kv_lo_strides, kb)
     lo_row = LO_IDX + off_z64 * sLI[0] + off_hq64 * sLI[1] + qb0 * sLI[2]
     walk = (lo_row, sLI[3], map_base, sHM[2], sHM[3], qb0, nqb, qb_row)
     if LOW_LISTS:
@@ -379,18 +361,22 @@ def thrift_attention_state(T, S, Lq, Lk, off_z, off_hq, start_m,
         # wasted low work on high-precision pairs, at the price of an indirect kv address per step
         lo_cnt = tl.load(LO_CNT + off_z64 * sLC[0] + off_hq64 * sLC[1] + qb0 * sLC[2])
         acc, l_i, m_i = _low_range(acc, l_i, m_i, 0, lo_cnt - 1, low, walk, False, True, QB_PER_TILE, BLOCK_N,
-                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW)
+                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW,
+                                   KB_SCALE)
         acc, l_i, m_i = _low_range(acc, l_i, m_i, tl.maximum(lo_cnt - 1, 0), lo_cnt, low, walk, True, True, QB_PER_TILE,
                                    BLOCK_N, IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE,
-                                   WINDOW)
+                                   WINDOW, KB_SCALE)
     else:
         # dense: [j_lo, j_mid) masked (band's left edge), [j_mid, n_full) plain, [n_full, n_blocks) masked
         acc, l_i, m_i = _low_range(acc, l_i, m_i, j_lo, j_mid, low, walk, True, False, QB_PER_TILE, BLOCK_N,
-                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW)
+                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW,
+                                   KB_SCALE)
         acc, l_i, m_i = _low_range(acc, l_i, m_i, j_mid, n_full, low, walk, False, False, QB_PER_TILE, BLOCK_N,
-                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW)
+                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW,
+                                   KB_SCALE)
         acc, l_i, m_i = _low_range(acc, l_i, m_i, n_full, n_blocks, low, walk, True, False, QB_PER_TILE, BLOCK_N,
-                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW)
+                                   IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK, FP8_ACC_PROMOTE, WINDOW,
+                                   KB_SCALE)
 
     # ---- loop 2: input precision, the selected blocks of each query block of the tile -----------
     # K_SCALE / Q_SCALE slots flag poisoned tokens with NaN (kernels.md §1): the high path reads them for that
@@ -439,11 +425,13 @@ def thrift_attention_tile(T, S, Lq, Lk, off_z, off_hq, start_m,
                           HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
                           P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
                           FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
-                          HI_STAGES: tl.constexpr, LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr):
+                          HI_STAGES: tl.constexpr, LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr,
+                          Q_ROW_SCALE: tl.constexpr, HAS_KEY_BIAS: tl.constexpr):
     """The normalised fp32 ``[BLOCK_M, HEAD_DIM]`` output tile (what the template stores)."""
     acc, l_i, m_i = thrift_attention_state(T, S, Lq, Lk, off_z, off_hq, start_m, SM_SCALE, BLOCK_M, BLOCK_N,
                                            HEAD_DIM, IS_CAUSAL, FORMAT, P_MICRO, GQA_GROUP, P_EXACT_ROUND,
-                                           FP8_ACC_PROMOTE, RESCALE_SLACK, HI_STAGES, LOW_LISTS, WINDOW)
+                                           FP8_ACC_PROMOTE, RESCALE_SLACK, HI_STAGES, LOW_LISTS, WINDOW,
+                                           Q_ROW_SCALE, HAS_KEY_BIAS)
     return _normalise(acc, l_i)
 
 
@@ -470,7 +458,8 @@ def thrift_attention_fwd(T, S, OUT, stride_oz, stride_oh, stride_om, stride_od, 
                          HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
                          P_MICRO: tl.constexpr, GQA_GROUP: tl.constexpr, P_EXACT_ROUND: tl.constexpr,
                          FP8_ACC_PROMOTE: tl.constexpr, RESCALE_SLACK: tl.constexpr, HI_STAGES: tl.constexpr,
-                         LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr, HAS_LSE: tl.constexpr = False):
+                         LOW_LISTS: tl.constexpr, WINDOW: tl.constexpr, Q_ROW_SCALE: tl.constexpr,
+                         HAS_KEY_BIAS: tl.constexpr, HAS_LSE: tl.constexpr = False):
     """The eager kernel: the tile plus a plain store (the template stores through Inductor's epilogue).
     HAS_LSE: also store each row's natural log-sum-exp of the scaled scores (fp32 ``[B, Hq, Lq]``; ``-inf``
     for a row without a visible key), so partial results over key chunks merge exactly (numerics §4c)."""
@@ -480,7 +469,8 @@ def thrift_attention_fwd(T, S, OUT, stride_oz, stride_oh, stride_om, stride_od, 
     off_hq = off_zh % HQ
     acc, l_i, m_i = thrift_attention_state(T, S, Lq, Lk, off_z, off_hq, start_m, SM_SCALE, BLOCK_M, BLOCK_N,
                                            HEAD_DIM, IS_CAUSAL, FORMAT, P_MICRO, GQA_GROUP, P_EXACT_ROUND,
-                                           FP8_ACC_PROMOTE, RESCALE_SLACK, HI_STAGES, LOW_LISTS, WINDOW)
+                                           FP8_ACC_PROMOTE, RESCALE_SLACK, HI_STAGES, LOW_LISTS, WINDOW,
+                                           Q_ROW_SCALE, HAS_KEY_BIAS)
     acc = _normalise(acc, l_i)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if HAS_LSE:
