@@ -265,6 +265,24 @@ def _low_step(acc, l_i, m_i, i, low, walk, MASKED: tl.constexpr, FROM_LIST: tl.c
 
 
 @triton.jit
+def _hi_range(acc, l_i, m_i, hi_row, stride_hi, hi_cnt, hi, POISON: tl.constexpr, STAGES: tl.constexpr,
+              HIGH_IEEE: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, FORMAT: tl.constexpr,
+              P_MICRO: tl.constexpr, P_EXACT_ROUND: tl.constexpr, RESCALE_SLACK: tl.constexpr,
+              FP8_ACC_PROMOTE: tl.constexpr, WINDOW: tl.constexpr):
+    """High-precision steps on kv blocks ``hi_row[:hi_cnt]``; hi = (q, q_rowc, keep, offs_m, offs_d, Lk, kv,
+    kv_strides). POISON: read the poison flags (unpipelined, STAGES=1); else pipelined with STAGES."""
+    q, q_rowc, keep, offs_m, offs_d, Lk, kv, kv_strides = hi
+    for i in tl.range(0, hi_cnt, num_stages=STAGES):
+        kv_blk = tl.load(hi_row + i * stride_hi)
+        acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, q_rowc, keep, kv_blk, offs_m, offs_d, Lk, kv, kv_strides,
+                                 LOW=False, MASKED=True, HIGH_IEEE=HIGH_IEEE, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL,
+                                 FORMAT=FORMAT, P_MICRO=P_MICRO, P_EXACT_ROUND=P_EXACT_ROUND,
+                                 RESCALE_SLACK=RESCALE_SLACK, FP8_ACC_PROMOTE=FP8_ACC_PROMOTE, WINDOW=WINDOW,
+                                 POISON=POISON)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _any_poisoned(hi_row, stride_hi, hi_cnt, ks_base, stride_ksn, Lk, BLOCK_N: tl.constexpr):
     """Whether a key token of the first ``hi_cnt`` kv blocks of ``hi_row`` is poisoned (NaN flag slot in
     K_SCALE, numerics §4b): the flags of _HI_SCAN blocks per gather, independent loads, no chain."""
@@ -397,24 +415,15 @@ def thrift_attention_state(T, S, Lq, Lk, off_z, off_hq, start_m,
             # Poisoned key tokens need flag-dependent load masks, which stop the pipeliner (fp8 d128 32k:
             # -3%, d64 -8% on the H200); one gather of the blocks' flags sends the (normal) clean query
             # blocks down a loop without them.
+            hi = (q, q_rowc_hi, keep, offs_m, offs_d, Lk, kv_hi, kv_hi_strides)
             if _any_poisoned(hi_row, sHI[3], hi_cnt, kv_hi[2], sKS[2], Lk, BLOCK_N):
-                for i in tl.range(0, hi_cnt, num_stages=1):
-                    kv_blk = tl.load(hi_row + i * sHI[3])
-                    acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, q_rowc_hi, keep, kv_blk, offs_m, offs_d, Lk,
-                                             kv_hi, kv_hi_strides, LOW=False, MASKED=True, HIGH_IEEE=HIGH_IEEE,
-                                             BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT,
-                                             P_MICRO=P_MICRO, P_EXACT_ROUND=P_EXACT_ROUND,
-                                             RESCALE_SLACK=RESCALE_SLACK, FP8_ACC_PROMOTE=FP8_ACC_PROMOTE,
-                                             WINDOW=WINDOW, POISON=True)
+                acc, l_i, m_i = _hi_range(acc, l_i, m_i, hi_row, sHI[3], hi_cnt, hi, True, 1, HIGH_IEEE, BLOCK_N,
+                                          IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK,
+                                          FP8_ACC_PROMOTE, WINDOW)
             else:
-                for i in tl.range(0, hi_cnt, num_stages=HI_STAGES):
-                    kv_blk = tl.load(hi_row + i * sHI[3])
-                    acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, q_rowc_hi, keep, kv_blk, offs_m, offs_d, Lk,
-                                             kv_hi, kv_hi_strides, LOW=False, MASKED=True, HIGH_IEEE=HIGH_IEEE,
-                                             BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, FORMAT=FORMAT,
-                                             P_MICRO=P_MICRO, P_EXACT_ROUND=P_EXACT_ROUND,
-                                             RESCALE_SLACK=RESCALE_SLACK, FP8_ACC_PROMOTE=FP8_ACC_PROMOTE,
-                                             WINDOW=WINDOW, POISON=False)
+                acc, l_i, m_i = _hi_range(acc, l_i, m_i, hi_row, sHI[3], hi_cnt, hi, False, HI_STAGES, HIGH_IEEE,
+                                          BLOCK_N, IS_CAUSAL, FORMAT, P_MICRO, P_EXACT_ROUND, RESCALE_SLACK,
+                                          FP8_ACC_PROMOTE, WINDOW)
 
     return acc, l_i, m_i
 
