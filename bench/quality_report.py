@@ -115,6 +115,19 @@ def _header(rows, variants, tag) -> list[str]:
             PROVENANCE.get(tag, f"Produced by `bench/quality.py run --tag {tag}` (bench/README.md)."), ""]
 
 
+def _recovery_cells(dnll: dict, contexts, fmt: str, name: str) -> list:
+    """Recovery of ``name`` per context against the fixed denominator (the plain ``fmt`` at fraction 0)."""
+    cells = []
+    for ctx in contexts:
+        low, thr = dnll.get((ctx, f"{fmt}/f0")), dnll.get((ctx, name))
+        if not low or not thr:
+            cells.append("n/a")
+            continue
+        r, rse, ok = recovery(low, thr)
+        cells.append(f"{100 * r:.1f}% ± {100 * rse:.1f}" if ok else "gap < 5 SE")
+    return cells
+
+
 def build(out: Path, tag: str) -> str:
     rows = _read(out / f"{tag}_windows.csv")
     variants = _read(out / f"{tag}_variants.csv")
@@ -160,28 +173,14 @@ def build(out: Path, tag: str) -> str:
               "|---|---|" + "---|" * len(contexts)]
     for fmt in [f for f in ("nvfp4", "mxfp4", "fp8") if any(n.startswith(f + "/") for n in names)]:
         for sel in ("block_mean", "quest", "local"):
-            cells = []
-            for ctx in contexts:
-                low, thr = dnll.get((ctx, f"{fmt}/f0")), dnll.get((ctx, f"{fmt}/f{HEADLINE_FRACTION:g}/{sel}"))
-                if not low or not thr:
-                    cells.append("n/a")
-                    continue
-                r, rse, ok = recovery(low, thr)
-                cells.append(f"{100 * r:.1f}% ± {100 * rse:.1f}" if ok else "gap < 5 SE")
+            cells = _recovery_cells(dnll, contexts, fmt, f"{fmt}/f{HEADLINE_FRACTION:g}/{sel}")
             lines.append(f"| {fmt} | {sel} | " + " | ".join(cells) + " |")
     # opt-in fidelity levers (bench/quality.py --levers): same fixed denominator, the plain format at f0
     for name in names:
         fmt, frac, sel = parse_variant(name)
         if not variant_levers(name) or frac != HEADLINE_FRACTION:
             continue
-        cells = []
-        for ctx in contexts:
-            low, thr = dnll.get((ctx, f"{fmt}/f0")), dnll.get((ctx, name))
-            if not low or not thr:
-                cells.append("n/a")
-                continue
-            r, rse, ok = recovery(low, thr)
-            cells.append(f"{100 * r:.1f}% ± {100 * rse:.1f}" if ok else "gap < 5 SE")
+        cells = _recovery_cells(dnll, contexts, fmt, name)
         lines.append(f"| {fmt} | {sel} + {variant_levers(name)} | " + " | ".join(cells) + " |")
     lines.append("")
 
