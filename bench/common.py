@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: inputs, the thrift pipeline split into its stages, timing, error, provenance."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 import os
@@ -119,3 +120,17 @@ def environment() -> dict:
 
 def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12 if ms > 0 and math.isfinite(ms) else float("nan")
+
+
+def write_rows_csv(rows: list, path) -> None:
+    """Dataclass rows -> CSV (one column per field, the first row's class names them)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(rows[0])] if rows else [])
+        w.writeheader()
+        for r in rows:
+            w.writerow(dataclasses.asdict(r))
+
+
+def fmt_cell(x, spec: str) -> str:
+    """A table cell: '-' for a missing or NaN value."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)

@@ -19,7 +19,6 @@ Writes ``model_<GPU>.csv`` (one row per architecture, length and path), ``model_
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import gc
 import math
@@ -38,6 +37,8 @@ if str(REPO) not in sys.path:       # run as `python bench/model.py` from a chec
 BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
+
+from common import fmt_cell, write_rows_csv  # noqa: E402
 
 # (HF config class, model class, config fields). Real dimensions; layer counts trimmed where noted.
 ARCHS = {
@@ -233,15 +234,10 @@ def _fill_speedups(rows: list[Row]) -> None:
 
 # --------------------------------------------------------------------------- outputs
 def write_csv(rows: list[Row], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(Row)])
-        w.writeheader()
-        for r in rows:
-            w.writerow(dataclasses.asdict(r))
+    write_rows_csv(rows, path)
 
 
-def _fmt(x: float, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+_fmt = fmt_cell     # '-' for missing / NaN cells
 
 
 def markdown(rows: list[Row], title: str) -> str:
