@@ -15,89 +15,28 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
-import os
 import pickle
-import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import torch
+from cache_machine import FX_GRAPH_KEY_PATTERN, run_machine, snapshot_sources
 from conftest_redis import redis_server  # noqa: F401  (fixture)
 
-from thrift_inductor import autotune_store, cli, remote_cache
-
-REPO = Path(__file__).resolve().parents[1]
-CHILD_TIMEOUT_S = 300
-FX_GRAPH_KEY_PATTERN = "pt2:fx-graph-v1::*"
-
-# One process = one machine; argv: output path, archive to import first ("-": none), archive to export
-# after the first output ("-": none). The Redis URL, if any, comes from THRIFT_REDIS_URL.
-CHILD = textwrap.dedent("""
-    import json, sys, torch
-    from torch._dynamo.utils import counters
-    import models
-    from thrift_inductor import backend, cli
-    from thrift_inductor.autotune_counters import count_benchmarks
-    backend.register()
-    calls = count_benchmarks()
-    OUT, IMPORT, EXPORT = sys.argv[1:4]
-    if IMPORT != "-":
-        cli.import_cache(IMPORT)
-
-    torch.manual_seed(0)
-    model = models.GptFastAttention().eval()
-    x = torch.randn(1, models.SEQ, models.DIM)
-    with torch.no_grad():
-        out = torch.compile(model, backend="thrift")(x)
-    if EXPORT != "-":
-        cli.export_cache(EXPORT)
-    torch.save(out, OUT)
-    print("RESULT", json.dumps({"calls": calls, "inductor": dict(counters["inductor"]),
-                                "aot": dict(counters["aot_autograd"]), "thrift": dict(counters["thrift"])}))
-""")
-
-
-def snapshot_sources(dest: Path) -> Path:
-    """A frozen copy of the package and the test models: every "machine" of the test must run the same
-    thrift sources (they are part of the cache keys), also while the checkout is being edited."""
-    shutil.copytree(REPO / "thrift_inductor", dest / "thrift_inductor",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "tests" / "models.py", dest / "models.py")
-    return dest
-
-
-def run_machine(src: Path, tmp_path: Path, name: str, cache_dir: str, url: str | None = None,
-                import_path: Path | None = None, export_path: Path | None = None) -> tuple[dict, torch.Tensor]:
-    env = {**os.environ, "PYTHONPATH": str(src), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache_dir),
-           autotune_store.STORE_ENV: str(tmp_path / f"{cache_dir}_store.json")}
-    for var in (autotune_store.REDIS_ENV, remote_cache.INDUCTOR_URL_ENV, cli.SIGNING_KEY_ENV):
-        env.pop(var, None)
-    if url:
-        env[autotune_store.REDIS_ENV] = url
-    out_path = tmp_path / f"{name}.pt"
-    args = [str(out_path), str(import_path or "-"), str(export_path or "-")]
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True,
-                          timeout=CHILD_TIMEOUT_S, cwd=src)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):]), torch.load(out_path)
+from thrift_inductor import remote_cache
 
 
 def test_warm_local_and_archive_without_redis_hit_what_a_redis_run_wrote(tmp_path, redis_server):
     src = snapshot_sources(tmp_path / "src")
     archive = tmp_path / "cold.zip"
-    cold, out_cold = run_machine(src, tmp_path, "cold", "cold_cache", url=redis_server.url, export_path=archive)
+    cold, out_cold = run_machine(tmp_path, "cold", src=src, cache_dir="cold_cache", url=redis_server.url,
+                                  export_path=archive)
     assert cold["inductor"].get("fxgraph_cache_miss", 0) == 1, cold
     assert cold["calls"]["selections"] >= 1, "the counting hook saw nothing: it would prove nothing below"
     assert redis_server.client().keys(FX_GRAPH_KEY_PATTERN), "the cold run did not have Redis on"
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:     # independent processes: run side by side
         warm = {
-            "warm_local": pool.submit(run_machine, src, tmp_path, "warm_local", "cold_cache"),
-            "warm_archive": pool.submit(run_machine, src, tmp_path, "warm_archive", "archive_cache",
+            "warm_local": pool.submit(run_machine, tmp_path, "warm_local", src=src, cache_dir="cold_cache"),
+            "warm_archive": pool.submit(run_machine, tmp_path, "warm_archive", src=src, cache_dir="archive_cache",
                                         import_path=archive),
         }
         warm = {phase: future.result() for phase, future in warm.items()}

@@ -8,72 +8,27 @@ FX graph is a cache hit. ``bench/compile.py`` measures the same on the GPU, wher
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cache_machine import FX_GRAPH_KEY_PATTERN, run_machine
 from conftest_redis import free_port, isolated, redis_server, redis_url  # noqa: F401  (fixtures)
 from torch._dynamo.utils import counters
 
 from thrift_inductor import autotune_store, backend, remote_cache
 
-REPO = Path(__file__).resolve().parents[1]
-CHILD_TIMEOUT_S = 300
-FX_GRAPH_KEY_PATTERN = "pt2:fx-graph-v1::*"
-
-# One process = one "machine": builds a seeded gpt-fast attention layer (qkv GEMM, GQA F.sdpa, output
-# GEMM; the smallest model with an attention site, since every C++ kernel is rebuilt from source even on
-# a cache hit: about 15 s per process on 2 cores), compiles it with backend="thrift", counts every
-# autotune entry point, and saves its output. The Redis URL comes from THRIFT_REDIS_URL.
-CHILD = textwrap.dedent("""
-    import json, sys, torch
-    from torch._dynamo.utils import counters
-    import models
-    from thrift_inductor import backend
-    from thrift_inductor.autotune_counters import count_benchmarks
-    backend.register()
-    calls = count_benchmarks()
-
-    torch.manual_seed(0)
-    model = models.GptFastAttention().eval()
-    x = torch.randn(1, models.SEQ, models.DIM)
-    with torch.no_grad():
-        out = torch.compile(model, backend="thrift")(x)
-    torch.save(out, sys.argv[1])
-    print("RESULT", json.dumps({"calls": calls, "inductor": dict(counters["inductor"]),
-                                "thrift": dict(counters["thrift"])}))
-""")
-
-
-def run_machine(tmp_path: Path, name: str, url: str) -> tuple[dict, torch.Tensor]:
-    """Run CHILD with its own empty Inductor cache dir and autotune store; (counters, output)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
-           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"{name}_inductor"),
-           autotune_store.STORE_ENV: str(tmp_path / f"{name}_store.json"), autotune_store.REDIS_ENV: url}
-    env.pop(remote_cache.INDUCTOR_URL_ENV, None)
-    out_path = tmp_path / f"{name}.pt"
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(out_path)], env=env, capture_output=True,
-                          text=True, timeout=CHILD_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):]), torch.load(out_path)
-
 
 def test_second_machine_compiles_from_redis_with_zero_benchmarks(tmp_path, redis_server):
-    a, out_a = run_machine(tmp_path, "a", redis_server.url)
+    a, out_a = run_machine(tmp_path, "a", url=redis_server.url)
     assert a["thrift"].get("rewritten", 0) >= 1, a
     assert a["inductor"].get("fxgraph_cache_miss", 0) >= 1, a
     assert a["calls"]["selections"] >= 1, "the counting hook saw nothing: it would prove nothing in B"
     assert redis_server.client().keys(FX_GRAPH_KEY_PATTERN), "process A wrote no FX graph to Redis"
 
-    b, out_b = run_machine(tmp_path, "b", redis_server.url)
+    b, out_b = run_machine(tmp_path, "b", url=redis_server.url)
     assert b["inductor"].get("fxgraph_cache_hit", 0) >= 1, b
     assert b["inductor"].get("fxgraph_cache_miss", 0) == 0, b
     assert b["calls"] == {"selections": 0, "runtime_autotune": 0}, b
