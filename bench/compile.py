@@ -22,9 +22,11 @@ Writes ``compile.csv`` (long format: one row per measurement, with device and ve
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -195,9 +197,35 @@ def compile_phases(length: int, mode: str, work: Path, redis_url, repeats: int =
             continue
         print(f"  L={length} {mode:<12} {phase:<12} r{rep} first call {r['seconds']:.1f}s (process "
               f"{r['process_seconds']:.1f}s) autotune={r['autotune']} runtime_autotune={r['runtime_autotune']} "
-              f"fx_hit={r['fx_hit']} aot_hit={r['aot_hit']} thrift={r['thrift']}", flush=True)
+              f"fx_hit={r['fx_hit']} fx_miss={r['fx_miss']} aot_hit={r['aot_hit']} aot_miss={r['aot_miss']} "
+              f"thrift={r['thrift']}", flush=True)
         rows.append({"phase": phase, "repeat": rep, "mode": mode, "seq_len": length, **r})
     return rows
+
+
+LOG_LINE = re.compile(r"^\s+L=(?P<seq_len>\d+) (?P<mode>\S+)\s+(?P<phase>\S+)\s+r(?P<repeat>\d+) first call "
+                      r"(?P<seconds>[\d.]+)s \(process (?P<process_seconds>[\d.]+)s\) (?P<counts>.*?) thrift=(?P<thrift>\{.*\})$")
+
+
+def rows_from_log(text: str) -> tuple[list[dict], dict]:
+    """The compile rows and environment a run printed (its first line is the environment dict), so a run
+    cut short by the device call's time limit still renders: ``--from-log compile.log``. Logs from before
+    fx_miss/aot_miss were printed take a miss as 1 - hit (one graph per phase)."""
+    lines = text.splitlines()
+    env = ast.literal_eval(lines[0])
+    rows = []
+    for line in lines[1:]:
+        m = LOG_LINE.match(line)
+        if not m:
+            continue
+        counts = dict(kv.split("=") for kv in m["counts"].split())
+        r = {"phase": m["phase"], "repeat": int(m["repeat"]), "mode": m["mode"], "seq_len": int(m["seq_len"]),
+             "seconds": float(m["seconds"]), "process_seconds": float(m["process_seconds"]),
+             **{k: int(v) for k, v in counts.items()}, "thrift": ast.literal_eval(m["thrift"])}
+        for what in ("fx", "aot"):
+            r.setdefault(f"{what}_miss", 1 - r[f"{what}_hit"])
+        rows.append(r)
+    return rows, env
 
 
 def warm_summary(rows: list[dict]) -> list[str]:
@@ -314,6 +342,9 @@ def write_results(out_dir: Path, compile_rows: list[dict], kernel_rows: dict, en
         lines += ["", "Median first call per warm phase (ratio to warm_local):", "",
                   "| mode | seq len | warm_local s | warm_redis s | warm_archive s |", "|---|---|---|---|---|",
                   *warm_summary(compile_rows)]
+    if not kernel_rows:        # --skip-kernels, --from-log
+        (out_dir / "compile.md").write_text("\n".join(lines) + "\n")
+        return
     lines += ["", "## One attention call, template vs eager fallback (ms)", "",
               "wall = do_bench median of the whole compiled call (prepass + selection + attention, incl. launch "
               "overhead); device = profiler sum of GPU kernel time per call; attn = the attention kernel alone.", "",
@@ -337,7 +368,14 @@ def main() -> None:
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--warm-repeats", type=int, default=WARM_REPEATS,
                         help="fresh-process runs of each warm phase (one sample was 1.3 vs 2.6 s apart)")
+    parser.add_argument("--from-log", type=Path, default=None,
+                        help="render compile.csv/.md from a run's printed log instead of running (no GPU needed)")
     args = parser.parse_args()
+    if args.from_log is not None:
+        rows, env = rows_from_log(args.from_log.read_text())
+        write_results(args.out, rows, {}, env)
+        print((args.out / "compile.md").read_text())
+        return
     if not torch.cuda.is_available():
         sys.exit("bench/compile.py needs a CUDA GPU")
     env = environment()
@@ -351,6 +389,7 @@ def main() -> None:
                 for mode in args.modes:
                     for length in args.lengths:
                         compile_rows += compile_phases(length, mode, Path(work), redis_url, args.warm_repeats)
+                        write_results(args.out, compile_rows, kernel_rows, env)   # a cut-short run keeps these
         finally:
             if redis_proc is not None:
                 redis_proc.terminate()
