@@ -211,11 +211,11 @@ def test_sink_blocks_reach_the_select_op(interpreter):
     and the template's result is the oracle's with the lever."""
     q, k, v = qkv(256)
     fn = torch.compile(sdpa_causal, backend="thrift", options={**OPTIONS, "thrift.sink_blocks": 1,
-                                                               "thrift.fraction": 0.3})
+                                                               "thrift.fraction": 0.6})
     out, (code, *_) = run_and_get_code(fn, q, k, v)
     assert "triton_tem_" in code and "torch.ops.thrift.select.default(" in code
     assert "sink_blocks" in code or ", 1)" in code.split("torch.ops.thrift.select.default(")[1].split("\n")[0]
-    cfg = ThriftConfig(format="nvfp4", fraction=0.3, block_size=BLOCK, sink_blocks=1)
+    cfg = ThriftConfig(format="nvfp4", fraction=0.6, block_size=BLOCK, sink_blocks=1)
     want = call_op(q, k, v, scale=None, is_causal=True, config=cfg)
     assert_kernel_matches_oracle(out, want, ref.exact_attention(q, k, v, is_causal=True))
     plain = call_op(q, k, v, scale=None, is_causal=True, config=cfg.replace(sink_blocks=0))

@@ -274,7 +274,7 @@ def test_select_sink_blocks_exact(selection, sinks, causal, window, case):
     w = {} if window is None else {"window": window}
     got = select(pre, Lq, Lk, is_causal=causal, config=cfg, **w)
     assert_same(got, select_torch(pre, Lq, Lk, is_causal=causal, config=cfg, **w), BlockLists._fields)
-    if window is None and int(got.hi_cnt.min()) >= sinks:
+    if window is None and int(got.hi_cnt.min()) > sinks:     # the last slot goes by score
         assert got.hi_idx[..., :sinks].tolist() == [[[list(range(sinks))] * got.hi_idx.shape[2]] * Hq] * B
 
 

@@ -11,7 +11,8 @@ Numerics (docs/numerics.md §3), exact with ``reference.select_from_stats`` + ``
   the sum: summation order does not matter and FMA contraction changes nothing.
 - local: the data-independent window of reference spec §3.5 (no scores), ascending.
 - candidates: causal ``j <= min(i, NKB - 1)`` (top-left alignment), else all NKB blocks.
-- ``sink_blocks`` (opt-in lever, numerics §4d): candidates ``j < sink_blocks`` rank first, ascending.
+- ``sink_blocks`` (opt-in lever, numerics §4d): candidates ``j < sink_blocks`` rank first, ascending, in all but
+  the row's last slot.
 - sliding window (docs/numerics.md §4a; causal only): ``window=W`` keeps the band ``first_i <= j <= min(i, NKB-1)``
   with ``first_i = max(0, i*bs - W + 1) // bs``; the budget k comes from ``resolve_window_top_k`` over the band's
   candidate counts (host side, cached per shape); local = the diagonal block and the k-1 before it, not before
@@ -129,8 +130,9 @@ def _select_kernel(
             score2 = tl.where((chunk_ids == c)[:, None], s[None, :], score2)
         score = tl.reshape(score2, (BLOCK_KV,))
         score = tl.where(cand, score, float("-inf"))
-        # sink blocks (opt-in lever): +inf ranks them before every scored block, ties -> lower index
-        score = tl.where(cand & (offs < SINKS), float("inf"), score)
+        # sink blocks (opt-in lever): +inf ranks them before every scored block, ties -> lower index; they
+        # are contiguous from `first`, so `< first + n_hi - 1` keeps the row's last slot for the best score.
+        score = tl.where(cand & (offs < SINKS) & (offs < first + n_hi - 1), float("inf"), score)
         selected = offs < 0
         # k argmax passes; every pass finds a finite candidate score because n_hi <= n_cand.
         for t in range(n_hi):

@@ -156,7 +156,8 @@ def select_from_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_caus
     unused ones may be None). Scores are fp64 sums of bf16 products (exact).
     ``window``: only kv blocks of the band are candidates, and the budget counts band pairs.
     ``config.sink_blocks`` (opt-in): kv blocks ``0 .. sink_blocks-1`` that are candidates rank before
-    every scored block (ascending), so each row's first ``min(k, #sinks)`` slots hold them.
+    every scored block (ascending), so each row's first ``min(keep - 1, #sinks)`` slots hold them
+    (``keep`` = the row's budget ``min(k, candidates)``; the last slot always goes by score).
     ``config.head_weights`` (opt-in): head h keeps ``k_h`` blocks (``head_budgets``); the width is
     ``max(max_h k_h, 1)``."""
     bs = config.block_size
@@ -199,8 +200,12 @@ def select_from_stats(q_mean, k_mean, k_min, k_max, Lq: int, Lk: int, *, is_caus
             kmin = k_min.double().repeat_interleave(group, 1).transpose(-1, -2)
             scores = qm.clamp(min=0) @ kmax + qm.clamp(max=0) @ kmin
         sinks = getattr(config, "sink_blocks", 0)
-        if sinks:   # opt-in lever: the first kv blocks rank first (index order), inside the row's budget
-            scores = scores.masked_fill(torch.arange(nkb, device=device) < sinks, math.inf)
+        if sinks:   # opt-in lever: the first kv blocks rank first (index order), inside the row's budget,
+            # but never in its last slot: at k = 1 a sink displaced the row's best-scoring block (mostly the
+            # diagonal) and cost most of the recovery on the H200 (bench/results/quality_levers_H200.md).
+            j = torch.arange(nkb, device=device)
+            ranked = (j < sinks) & (j < (first[None, :] + keep - 1)[..., None])        # [Hq, NQB, NKB]
+            scores = scores.masked_fill(ranked, math.inf)
         # Stable sort on -score (ties -> lower index), then a stable partition putting candidates first.
         order = torch.sort(-scores, dim=-1, stable=True).indices
         is_cand = _in_range(torch.arange(nkb, device=device)[None, :], first, count)
