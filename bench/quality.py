@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
@@ -162,6 +163,17 @@ def variant_plan(preset: str, formats=FORMATS, p_quant: str = "block", lever_set
         if v.kind == "thrift" and v.selection in ("", "block_mean"):
             plan += [lv for lv in (with_levers(v, s) for s in lever_sets) if lv is not None]
     return list(dict.fromkeys(plan))
+
+
+def only(plan: list[Variant], pattern: Optional[str]) -> list[Variant]:
+    """``--only REGEX``: the planned variants whose name matches (``re.search``), each preceded by its
+    format's fraction-0 variant (the recovery denominator), in plan order; no pattern: the plan."""
+    if not pattern:
+        return plan
+    keep = [v for v in plan if re.search(pattern, v.name)]
+    bases = {v.format for v in keep if v.kind == "thrift"}
+    return [v for v in plan if v in keep or (v.kind == "thrift" and v.fraction == 0 and not v.levers
+                                             and v.format in bases)]
 
 
 def _full_plan(preset: str) -> list[Variant]:
@@ -457,7 +469,8 @@ def sweep(model, model_name: str, tokens, probes, args, device, t_start: Optiona
         var_t.add([dict(variant="exact", status="done", **env)])
 
     last = None
-    for variant in variant_plan(args.preset, tuple(args.formats.split(",")), args.p_quant, lever_sets):
+    plan = only(variant_plan(args.preset, tuple(args.formats.split(",")), args.p_quant, lever_sets), args.only)
+    for variant in plan:
         if variant.name in done:
             continue
         elapsed = time.perf_counter() - t_start
@@ -521,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", choices=("regional", "whole"), default="regional",
                    help="torch.compile each decoder layer (fast) or the whole model")
     r.add_argument("--budget-s", type=float, default=float("inf"))
+    r.add_argument("--only", default=None, help="regex over variant names (e.g. 'f0.05/block_mean'); "
+                                                 "their format's fraction-0 variants run too (the denominator)")
     r.add_argument("--native-context", type=int, default=None, help="default: the model's; longer lengths: YaRN")
     rep = sub.add_parser("report")
     rep.add_argument("--out", default=str(HERE / "results"))

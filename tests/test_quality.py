@@ -91,6 +91,15 @@ def test_lever_variants_from_the_command_line():
             quality.parse_levers(bad)
 
 
+def test_only_keeps_matching_variants_and_their_denominator():
+    """--only: a device call spends its budget on the variants asked for, plus each one's format at fraction 0."""
+    sets = quality.parse_levers("smooth_q=1,q_quant=fp8")
+    plan = quality.variant_plan("full", ("nvfp4", "fp8"), lever_sets=sets)
+    names = [v.name for v in quality.only(plan, r"nvfp4/f0\.05/block_mean")]
+    assert names == ["nvfp4/f0", "nvfp4/f0.05/block_mean", "nvfp4/f0.05/block_mean+smooth_q=1,q_quant=fp8"]
+    assert quality.only(plan, None) == plan
+
+
 def test_windows_are_disjoint_and_skip_front_matter():
     toks = _tokens(1000)
     ws = qd.windows(toks, 256, 3)
